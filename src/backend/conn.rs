@@ -1,0 +1,265 @@
+//! One server (upstream) connection: TCP connect, startup and authentication as a
+//! PostgreSQL client, and the bookkeeping a pooled connection carries between clients
+//! (prepared statements it holds, session settings applied to it, transaction status).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::params::SessionParams;
+use super::BackendError;
+use crate::protocol::messages::{self, btag};
+use crate::protocol::{decode_frame, Frame};
+
+/// Server messages can be large (a wide DataRow); PostgreSQL caps a message at 1 GB.
+pub const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// Where and as whom to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl ServerTarget {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+pub struct ServerConn {
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    /// Bytes read from the server and not yet processed.
+    pub rbuf: BytesMut,
+    pub host: String,
+    pub port: u16,
+    /// The server's own cancel key (pid, secret).
+    pub backend_key: (u32, u32),
+    /// ParameterStatus values the server reported at startup.
+    pub startup_params: Vec<(String, String)>,
+    /// Pool-wide statement ids prepared on this connection under `sg_<id>`.
+    pub prepared: HashSet<u64>,
+    /// Statement id currently held in the unnamed slot, if known.
+    pub unnamed: Option<u64>,
+    /// Session settings applied with SET since the connection was opened or reset.
+    pub applied: SessionParams,
+    /// Last ReadyForQuery status: b'I' idle, b'T' in transaction, b'E' failed.
+    pub txn_status: u8,
+    /// Session state we do not track (temp tables, LISTEN, SQL-level PREPARE...) was
+    /// created: the connection gets DISCARD ALL before anyone else uses it.
+    pub tainted: bool,
+    pub created: Instant,
+    pub last_used: Instant,
+}
+
+impl ServerConn {
+    pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<ServerConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::ConnectTimeout(target.addr())),
+        }
+    }
+
+    async fn connect_inner(target: &ServerTarget) -> Result<ServerConn, BackendError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|e| BackendError::Connect(target.addr(), e))?;
+        stream.set_nodelay(true).ok();
+        let (rd, wr) = stream.into_split();
+        let now = Instant::now();
+        let mut conn = ServerConn {
+            rd,
+            wr,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            host: target.host.clone(),
+            port: target.port,
+            backend_key: (0, 0),
+            startup_params: Vec::new(),
+            prepared: HashSet::new(),
+            unnamed: None,
+            applied: SessionParams::default(),
+            txn_status: b'I',
+            tainted: false,
+            created: now,
+            last_used: now,
+        };
+        let mut out = BytesMut::new();
+        messages::startup(
+            &mut out,
+            &[("user", &target.user), ("database", &target.database)],
+        );
+        conn.wr.write_all(&out).await?;
+        conn.authenticate(target).await?;
+        conn.read_until_ready(true).await?;
+        Ok(conn)
+    }
+
+    /// Reads the next whole message from the server.
+    pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+        loop {
+            if let Some(frame) = decode_frame(&mut self.rbuf, MAX_SERVER_MESSAGE)? {
+                return Ok(frame);
+            }
+            self.rbuf.reserve(8192);
+            if self.rd.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(BackendError::Closed);
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                btag::AUTHENTICATION => {}
+                btag::ERROR_RESPONSE => return Err(server_error(&frame)),
+                other => return Err(BackendError::Unexpected(other, "authentication")),
+            }
+            let mut body = frame.body();
+            if body.len() < 4 {
+                return Err(BackendError::Unexpected(b'R', "short authentication message"));
+            }
+            let code = body.get_i32();
+            let password = || {
+                target
+                    .password
+                    .as_deref()
+                    .ok_or_else(|| BackendError::NoPassword(target.user.clone()))
+            };
+            let mut out = BytesMut::new();
+            match code {
+                0 => return Ok(()),
+                3 => {
+                    let mut p = password()?.as_bytes().to_vec();
+                    p.push(0);
+                    messages::password(&mut out, &p);
+                }
+                5 => {
+                    let salt: [u8; 4] = body
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or(BackendError::Unexpected(b'R', "md5 salt"))?;
+                    let mut p = md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt).into_bytes();
+                    p.push(0);
+                    messages::password(&mut out, &p);
+                }
+                10 => {
+                    let offered = String::from_utf8_lossy(body);
+                    if !offered.split('\0').any(|m| m == "SCRAM-SHA-256") {
+                        return Err(BackendError::Unsupported(format!("SASL mechanisms {offered:?}")));
+                    }
+                    let client = sasl::ScramSha256::new(password()?.as_bytes(), sasl::ChannelBinding::unsupported());
+                    messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", client.message());
+                    scram = Some(client);
+                }
+                11 | 12 => {
+                    let client = scram.as_mut().ok_or(BackendError::Unexpected(b'R', "SASL out of order"))?;
+                    if code == 11 {
+                        client.update(body).map_err(BackendError::Scram)?;
+                        messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(client.message()));
+                    } else {
+                        client.finish(body).map_err(BackendError::Scram)?;
+                    }
+                }
+                other => return Err(BackendError::Unsupported(format!("authentication method {other}"))),
+            }
+            if !out.is_empty() {
+                self.wr.write_all(&out).await?;
+            }
+        }
+    }
+
+    /// Consumes messages up to and including ReadyForQuery. At startup it records
+    /// ParameterStatus and BackendKeyData; otherwise results are dropped and the first
+    /// error is returned after the server is ready again (so the connection stays usable).
+    pub async fn read_until_ready(&mut self, startup: bool) -> Result<(), BackendError> {
+        let mut first_error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                btag::READY_FOR_QUERY => {
+                    self.txn_status = frame.body().first().copied().unwrap_or(b'I');
+                    return first_error.map_or(Ok(()), Err);
+                }
+                btag::ERROR_RESPONSE if startup => return Err(server_error(&frame)),
+                btag::ERROR_RESPONSE => {
+                    first_error.get_or_insert_with(|| server_error(&frame));
+                }
+                btag::PARAMETER_STATUS if startup => {
+                    let mut body = frame.body();
+                    let name = crate::protocol::frame::take_cstr(&mut body)?.to_owned();
+                    let value = crate::protocol::frame::take_cstr(&mut body)?.to_owned();
+                    self.startup_params.push((name, value));
+                }
+                btag::BACKEND_KEY_DATA if startup => {
+                    let mut body = frame.body();
+                    if body.len() >= 8 {
+                        self.backend_key = (body.get_u32(), body.get_u32());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs SQL through the simple protocol and discards its results: used for the
+    /// proxy's own housekeeping (settings, ROLLBACK, DISCARD ALL), never for clients.
+    pub async fn run_internal(&mut self, sql: &str) -> Result<(), BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.wr.write_all(&out).await?;
+        self.read_until_ready(false).await
+    }
+
+    /// Resets everything a client may have left behind, so the connection can serve
+    /// anyone: ends a transaction, then DISCARD ALL when untracked state exists.
+    pub async fn reset(&mut self) -> Result<(), BackendError> {
+        if self.txn_status != b'I' {
+            self.run_internal("ROLLBACK").await?;
+        }
+        if self.tainted {
+            self.run_internal("DISCARD ALL").await?;
+            self.prepared.clear();
+            self.unnamed = None;
+            self.applied = SessionParams::default();
+            self.tainted = false;
+        }
+        Ok(())
+    }
+
+    pub async fn terminate(mut self) {
+        let mut out = BytesMut::new();
+        messages::empty_msg(&mut out, b'X');
+        let _ = tokio::time::timeout(Duration::from_millis(100), self.wr.write_all(&out)).await;
+    }
+}
+
+fn server_error(frame: &Frame) -> BackendError {
+    let (code, message) = messages::decode_error_fields(frame);
+    BackendError::Server { code, message }
+}
+
+/// Sends a CancelRequest for a server's own key, on a fresh connection as the
+/// protocol requires.
+pub async fn send_cancel(host: &str, port: u16, key: (u32, u32)) -> Result<(), BackendError> {
+    let mut stream = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| BackendError::Connect(format!("{host}:{port}"), e))?;
+    let mut out = BytesMut::new();
+    messages::cancel_request(&mut out, key.0, key.1);
+    stream.write_all(&out).await?;
+    // The server closes the connection once it has read the request.
+    let mut sink = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    Ok(())
+}

@@ -1,0 +1,4 @@
+
+pub mod protocol;
+pub mod backend;
+pub mod frontend;

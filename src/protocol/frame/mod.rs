@@ -1,0 +1,174 @@
+//! Wire framing: the 5-byte header (`tag`, big-endian length that counts itself) and
+//! the untagged startup-phase packets. This is the lowest layer of the data path; it
+//! knows bytes and message boundaries, nothing about statements or shards.
+//!
+//! Decoders take the receive buffer and return `Ok(None)` when more bytes are needed:
+//! a partial frame is not an error.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::ProtocolError;
+
+/// Size of a regular message header: one tag byte plus the 4-byte length.
+pub const HEADER_LEN: usize = 5;
+
+/// Startup-phase request codes (the "protocol version" slot of an untagged packet).
+const SSL_REQUEST: u32 = 80877103;
+const GSSENC_REQUEST: u32 = 80877104;
+const CANCEL_REQUEST: u32 = 80877102;
+/// Protocol 3.0.
+const PROTOCOL_V3: u32 = 196608;
+/// Startup packets are tiny; PostgreSQL itself caps them at 10 000 bytes.
+const MAX_STARTUP_LEN: usize = 10_000;
+
+/// Where the next whole message sits in a buffer: its tag and its total length
+/// (header included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub tag: u8,
+    pub len: usize,
+}
+
+/// Looks at the front of `buf`. `Ok(None)` means the header or the body is not complete
+/// yet. A declared length below 4 or above `max_len` is an error: the stream cannot be
+/// resynchronised after it, so the caller closes the connection.
+pub fn peek_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHeader>, ProtocolError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let declared = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if declared < 4 {
+        return Err(ProtocolError::BadLength { tag, len: declared });
+    }
+    let len = declared + 1;
+    if len > max_len {
+        return Err(ProtocolError::TooLarge { tag, len, max: max_len });
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    Ok(Some(FrameHeader { tag, len }))
+}
+
+/// One complete message split off a receive buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    /// The whole message, header included, ready to forward as is.
+    pub raw: Bytes,
+}
+
+impl Frame {
+    /// The payload after the 5-byte header.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[HEADER_LEN..]
+    }
+}
+
+/// Splits the next complete frame off `buf`.
+pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, ProtocolError> {
+    match peek_frame(buf, max_len)? {
+        None => Ok(None),
+        Some(h) => Ok(Some(Frame {
+            tag: h.tag,
+            raw: buf.split_to(h.len).freeze(),
+        })),
+    }
+}
+
+/// The first packet a client sends, before any tagged message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupPacket {
+    SslRequest,
+    GssEncRequest,
+    Cancel { pid: u32, secret: u32 },
+    Startup { params: Vec<(String, String)> },
+}
+
+impl StartupPacket {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            StartupPacket::Startup { params } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes an untagged startup-phase packet (length, code, payload).
+pub fn decode_startup(buf: &mut BytesMut) -> Result<Option<StartupPacket>, ProtocolError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(ProtocolError::BadStartup(format!("length {len}")));
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    packet.advance(4);
+    let code = packet.get_u32();
+    match code {
+        SSL_REQUEST if len == 8 => Ok(Some(StartupPacket::SslRequest)),
+        GSSENC_REQUEST if len == 8 => Ok(Some(StartupPacket::GssEncRequest)),
+        CANCEL_REQUEST if len == 16 => Ok(Some(StartupPacket::Cancel {
+            pid: packet.get_u32(),
+            secret: packet.get_u32(),
+        })),
+        PROTOCOL_V3 => decode_params(&packet).map(|params| Some(StartupPacket::Startup { params })),
+        other => Err(ProtocolError::BadStartup(format!(
+            "unsupported protocol or request code {other}"
+        ))),
+    }
+}
+
+/// Startup parameters: pairs of NUL-terminated strings ending with an empty name.
+fn decode_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
+    let mut params = Vec::new();
+    loop {
+        let name = take_cstr(&mut body)?;
+        if name.is_empty() {
+            return Ok(params);
+        }
+        let value = take_cstr(&mut body)?;
+        params.push((name.to_owned(), value.to_owned()));
+    }
+}
+
+/// Reads one NUL-terminated UTF-8 string and advances past it.
+pub fn take_cstr<'a>(body: &mut &'a [u8]) -> Result<&'a str, ProtocolError> {
+    let nul = body
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(ProtocolError::Malformed("missing string terminator"))?;
+    let s = std::str::from_utf8(&body[..nul]).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
+    *body = &body[nul + 1..];
+    Ok(s)
+}
+
+/// Reads a big-endian i16/i32 and advances.
+pub fn take_i16(body: &mut &[u8]) -> Result<i16, ProtocolError> {
+    if body.len() < 2 {
+        return Err(ProtocolError::Malformed("truncated int16"));
+    }
+    let v = i16::from_be_bytes([body[0], body[1]]);
+    *body = &body[2..];
+    Ok(v)
+}
+
+pub fn take_i32(body: &mut &[u8]) -> Result<i32, ProtocolError> {
+    if body.len() < 4 {
+        return Err(ProtocolError::Malformed("truncated int32"));
+    }
+    let v = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    *body = &body[4..];
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests;
