@@ -1,5 +1,85 @@
-//! Client (downstream) side of the data path: accepting connections, startup and
-//! authentication, and the per-client session loop that forwards frames to pooled
-//! server connections.
+//! Client (downstream) side of the data path: the listener (connection limit,
+//! shutdown), startup and authentication, and the per-client session loop that
+//! forwards frames to pooled server connections.
 
+pub mod cancel;
+pub mod listener;
+pub mod prepared;
+pub mod session;
 pub mod session_sql;
+pub mod startup;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::backend::{PoolSettings, Pools, ServerTarget};
+use crate::protocol::scram::ScramSecret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A server connection is lent for one transaction (the default).
+    Transaction,
+    /// A server connection is lent for the whole client session.
+    Session,
+}
+
+#[derive(Debug, Clone)]
+pub struct FrontendSettings {
+    pub pool_mode: PoolMode,
+    pub pool: PoolSettings,
+    pub max_message_size: usize,
+    pub login_timeout: Duration,
+    /// The backend database name clients must ask for.
+    pub database: String,
+}
+
+/// A user clients may log in as. The password is kept to authenticate to servers
+/// when the node address carries none.
+pub struct ClientUser {
+    pub password: String,
+    pub scram: ScramSecret,
+}
+
+/// The node that serves a database for now: the default shard's primary.
+#[derive(Debug, Clone)]
+pub struct BackendNode {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Everything sessions share. Immutable after start-up except the pools and
+/// registries, which synchronise internally.
+pub struct Frontend {
+    pub settings: FrontendSettings,
+    pub users: HashMap<String, ClientUser>,
+    /// Used for unknown users, so they go through the same exchange and fail the same
+    /// way as a wrong password (no user enumeration).
+    pub decoy: ScramSecret,
+    pub node: BackendNode,
+    pub pools: Pools,
+    pub statements: prepared::StatementRegistry,
+    pub cancels: cancel::CancelRegistry,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Frontend {
+    /// The server identity a client's pool connects with: credentials from the node
+    /// address when it has them, otherwise the client's own.
+    pub fn server_target(&self, user: &str) -> ServerTarget {
+        let password = self
+            .node
+            .password
+            .clone()
+            .or_else(|| self.users.get(user).map(|u| u.password.clone()));
+        ServerTarget {
+            host: self.node.host.clone(),
+            port: self.node.port,
+            user: self.node.user.clone().unwrap_or_else(|| user.to_owned()),
+            password,
+            database: self.settings.database.clone(),
+        }
+    }
+}

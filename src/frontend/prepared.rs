@@ -1,0 +1,79 @@
+//! Pool-wide prepared statements. A client's `Parse "P_0"` is registered by its text and
+//! parameter types and gets a process-wide name `sg_<id>`; any server connection that
+//! lacks that statement is sent a `Parse` for it on demand. This is what lets a client
+//! prepare once and bind many times while its transactions land on different server
+//! connections, and lets two clients that both call their statement "P_0" coexist.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::session_sql::{self, SessionEffects};
+
+/// Above this many distinct statement texts the registry starts over. Statements held
+/// by sessions stay valid (they own an Arc); a re-registered text just gets a new id.
+const MAX_REGISTERED: usize = 10_000;
+
+#[derive(Debug)]
+pub struct PreparedStatement {
+    pub id: u64,
+    /// `sg_<id>`, the name used on every server connection.
+    pub server_name: String,
+    pub query: String,
+    pub param_types: Vec<u32>,
+    /// Analysis done once per statement text, not per execution.
+    pub effects: SessionEffects,
+}
+
+#[derive(Default)]
+pub struct StatementRegistry {
+    /// A std Mutex: held for one hash lookup, never across .await.
+    inner: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_text: HashMap<(String, Vec<u32>), Arc<PreparedStatement>>,
+    next_id: u64,
+}
+
+impl StatementRegistry {
+    pub fn register(&self, query: &str, param_types: &[u32]) -> Arc<PreparedStatement> {
+        let mut reg = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Lookup by borrowed parts would need a custom key type; the clone is per Parse,
+        // not per execution.
+        let key = (query.to_owned(), param_types.to_vec());
+        if let Some(stmt) = reg.by_text.get(&key) {
+            return stmt.clone();
+        }
+        if reg.by_text.len() >= MAX_REGISTERED {
+            reg.by_text.clear();
+        }
+        reg.next_id += 1;
+        let id = reg.next_id;
+        let stmt = Arc::new(PreparedStatement {
+            id,
+            server_name: format!("sg_{id}"),
+            query: key.0.clone(),
+            param_types: key.1.clone(),
+            effects: session_sql::analyze(query),
+        });
+        reg.by_text.insert(key, stmt.clone());
+        stmt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_and_types_share_one_name() {
+        let reg = StatementRegistry::default();
+        let a = reg.register("select $1", &[23]);
+        let b = reg.register("select $1", &[23]);
+        let c = reg.register("select $1", &[25]);
+        assert_eq!(a.server_name, b.server_name);
+        assert_ne!(a.server_name, c.server_name);
+        assert!(reg.register("SET x = 1", &[]).effects.effects.len() == 1);
+    }
+}

@@ -1,0 +1,226 @@
+//! Client -> server direction: what each frontend message needs before it is forwarded
+//! (a server connection, statement renaming, an injected Parse), and the order of
+//! answers we then owe the client.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Expect, Flow, Op, Session, SessionError};
+use crate::frontend::prepared::PreparedStatement;
+use crate::frontend::session_sql;
+use crate::protocol::messages::{self, btag, tag};
+use crate::protocol::{decode_frame, Frame, ProtocolError};
+
+const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
+const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
+const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub(super) async fn process_client_frames(&mut self) -> Result<Flow, SessionError> {
+        while self.sout.len() < super::OUT_LIMIT {
+            let Some(frame) = decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)? else {
+                break;
+            };
+            if self.skipping && frame.tag != tag::SYNC {
+                // The server discards everything up to Sync after an error: forward
+                // without bookkeeping, nothing of it takes effect.
+                self.sout.extend_from_slice(&frame.raw);
+                continue;
+            }
+            match frame.tag {
+                tag::QUERY => self.on_query(&frame).await?,
+                tag::PARSE => self.on_parse(&frame).await?,
+                tag::BIND => self.on_bind(&frame).await?,
+                tag::DESCRIBE => self.on_describe(&frame).await?,
+                tag::CLOSE => self.on_close(&frame).await?,
+                tag::SYNC => self.on_sync(&frame),
+                tag::EXECUTE => self.forward_needing_server(&frame, Expect::Execute).await?,
+                tag::FUNCTION_CALL => self.forward_needing_server(&frame, Expect::FunctionCall).await?,
+                tag::FLUSH | tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                    // Meaningful only to a server we already hold (COPY IN runs inside
+                    // a Query/Execute whose op is still open).
+                    if self.server.is_some() {
+                        self.sout.extend_from_slice(&frame.raw);
+                    }
+                }
+                tag::TERMINATE => return Ok(Flow::Stop),
+                _ => return Err(ProtocolError::Malformed("unsupported frontend message type").into()),
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn push(&mut self, op: Op) {
+        self.ops.push_back(op);
+    }
+
+    /// Queues an answer the proxy gives itself, after everything already owed.
+    fn push_synthetic(&mut self, bytes: &'static [u8]) {
+        if self.ops.is_empty() {
+            self.cout.extend_from_slice(bytes);
+        } else {
+            self.push(Op::Synthetic(Bytes::from_static(bytes)));
+        }
+    }
+
+    async fn forward_needing_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), SessionError> {
+        self.ensure_server().await?;
+        self.sout.extend_from_slice(&frame.raw);
+        self.push(Op::Forward(expect));
+        Ok(())
+    }
+
+    async fn on_query(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let effects = session_sql::analyze(messages::decode_query(frame)?);
+        self.ensure_server().await?;
+        if let Some(conn) = self.server.as_mut() {
+            conn.tainted |= effects.taints;
+        }
+        self.pending.extend(effects.effects);
+        self.sout.extend_from_slice(&frame.raw);
+        self.push(Op::Forward(Expect::Query));
+        Ok(())
+    }
+
+    async fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let parse = messages::decode_parse(frame)?;
+        let stmt = self.fe.statements.register(parse.query, &parse.param_types);
+        self.ensure_server().await?;
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if parse.name.is_empty() {
+            // The unnamed statement is forwarded as is; remember it so a later Bind on
+            // another server connection can re-create it.
+            conn.unnamed = Some(stmt.id);
+            self.unnamed = Some(stmt.clone());
+            self.sout.extend_from_slice(&frame.raw);
+            self.push(Op::Forward(Expect::Parse {
+                named: None,
+                unnamed: Some(stmt.id),
+            }));
+        } else {
+            let known = !conn.prepared.insert(stmt.id);
+            self.statements.insert(parse.name.to_owned(), stmt.clone());
+            if known {
+                self.push_synthetic(PARSE_COMPLETE);
+            } else {
+                messages::parse(&mut self.sout, &stmt.server_name, &stmt.query, &stmt.param_types);
+                self.push(Op::Forward(Expect::Parse {
+                    named: Some(stmt.id),
+                    unnamed: None,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// The client's statement by its own name ("" = unnamed), if it parsed one.
+    fn client_statement(&self, name: &str) -> Option<Arc<PreparedStatement>> {
+        if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.statements.get(name).cloned()
+        }
+    }
+
+    /// Makes sure the held server connection has `stmt`, injecting a Parse if not.
+    fn prepare_on_server(&mut self, stmt: &PreparedStatement, unnamed: bool) {
+        let Some(conn) = self.server.as_mut() else {
+            return;
+        };
+        let (missing, name, expect) = if unnamed {
+            let missing = conn.unnamed != Some(stmt.id);
+            conn.unnamed = Some(stmt.id);
+            (missing, "", Expect::Parse { named: None, unnamed: Some(stmt.id) })
+        } else {
+            let missing = conn.prepared.insert(stmt.id);
+            (missing, stmt.server_name.as_str(), Expect::Parse { named: Some(stmt.id), unnamed: None })
+        };
+        if missing {
+            messages::parse(&mut self.sout, name, &stmt.query, &stmt.param_types);
+            self.push(Op::Hidden(expect));
+        }
+    }
+
+    async fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let bind = messages::decode_bind(frame)?;
+        self.ensure_server().await?;
+        match self.client_statement(bind.statement) {
+            // Unknown to us: let the server report "does not exist".
+            None => self.sout.extend_from_slice(&frame.raw),
+            Some(stmt) => {
+                let unnamed = bind.statement.is_empty();
+                self.prepare_on_server(&stmt, unnamed);
+                if unnamed {
+                    self.sout.extend_from_slice(&frame.raw);
+                } else {
+                    messages::bind_renamed(&mut self.sout, &bind, &stmt.server_name);
+                }
+                if let Some(conn) = self.server.as_mut() {
+                    conn.tainted |= stmt.effects.taints;
+                }
+                self.pending.extend(stmt.effects.effects.iter().cloned());
+            }
+        }
+        self.push(Op::Forward(Expect::Bind));
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let (kind, name) = messages::decode_target(frame)?;
+        self.ensure_server().await?;
+        match (kind, self.client_statement(name)) {
+            (b'S', Some(stmt)) if !name.is_empty() => {
+                self.prepare_on_server(&stmt, false);
+                messages::target_renamed(&mut self.sout, tag::DESCRIBE, b'S', &stmt.server_name);
+            }
+            (b'S', Some(stmt)) => {
+                self.prepare_on_server(&stmt, true);
+                self.sout.extend_from_slice(&frame.raw);
+            }
+            _ => self.sout.extend_from_slice(&frame.raw),
+        }
+        self.push(Op::Forward(Expect::Describe));
+        Ok(())
+    }
+
+    async fn on_close(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let (kind, name) = messages::decode_target(frame)?;
+        if kind == b'S' {
+            // Server-side statements are shared by the pool and stay; the client's
+            // name simply stops existing.
+            if name.is_empty() {
+                self.unnamed = None;
+            } else {
+                self.statements.remove(name);
+            }
+            self.push_synthetic(CLOSE_COMPLETE);
+        } else if self.server.is_some() {
+            self.sout.extend_from_slice(&frame.raw);
+            self.push(Op::Forward(Expect::Close));
+        } else {
+            // Portals do not outlive a transaction, and without a server we are
+            // between transactions.
+            self.push_synthetic(CLOSE_COMPLETE);
+        }
+        Ok(())
+    }
+
+    fn on_sync(&mut self, frame: &Frame) {
+        self.skipping = false;
+        if self.server.is_some() {
+            self.sout.extend_from_slice(&frame.raw);
+            self.push(Op::Forward(Expect::Sync));
+        } else {
+            // Nothing ran on a server since the last transaction ended: idle.
+            self.push_synthetic(READY_IDLE);
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The per-client query loop: frames from the client are forwarded to a pooled server
+//! connection, the server's frames are passed back untouched, and the connection goes
+//! back to the pool at the end of each transaction (transaction pooling) or of the
+//! session (session pooling).
+//!
+//! Flow control: four buffers (client in/out, server in/out) and one `select!` over
+//! the four directions. Reading from a side stops while the buffer towards the other
+//! side is above `OUT_LIMIT`, so a slow reader backs pressure up to the producer and
+//! memory stays bounded per session.
+
+mod client_msgs;
+mod server_msgs;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::watch;
+
+use super::cancel::{CancelSlot, CancelTarget};
+use super::prepared::PreparedStatement;
+use super::session_sql::SessionEffect;
+use super::{Frontend, PoolMode};
+use crate::backend::params::SessionParams;
+use crate::backend::{BackendError, Pool, PooledConn};
+use crate::protocol::messages;
+use crate::protocol::ProtocolError;
+
+/// Bytes buffered towards one peer before we stop reading from the other.
+const OUT_LIMIT: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client I/O: {0}")]
+    ClientIo(#[from] io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+}
+
+/// What the server owes us for a message we forwarded, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// `named`/`unnamed`: the statement id the server holds once this succeeds.
+    Parse { named: Option<u64>, unnamed: Option<u64> },
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    /// The server's answer goes to the client.
+    Forward(Expect),
+    /// The proxy injected this message; its success is swallowed (errors still show).
+    Hidden(Expect),
+    /// The proxy answers itself, at this point in the stream.
+    Synthetic(Bytes),
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+enum Event {
+    ClientRead(usize),
+    ServerRead(usize),
+    Wrote,
+    Shutdown,
+}
+
+pub struct Session<R, W> {
+    fe: Arc<Frontend>,
+    rd: R,
+    wr: W,
+    /// Client bytes not yet decoded, and bytes queued to the client / to the server.
+    cbuf: BytesMut,
+    cout: BytesMut,
+    sout: BytesMut,
+    pool: Arc<Pool>,
+    server: Option<PooledConn>,
+    ops: VecDeque<Op>,
+    /// After an error in an extended-protocol batch the server ignores everything up
+    /// to Sync; so do we.
+    skipping: bool,
+    statements: HashMap<String, Arc<PreparedStatement>>,
+    unnamed: Option<Arc<PreparedStatement>>,
+    params: SessionParams,
+    startup_params: SessionParams,
+    /// Session effects of statements whose transaction has not ended yet.
+    pending: Vec<SessionEffect>,
+    txn_failed: bool,
+    cancel: Arc<CancelSlot>,
+    shutdown: watch::Receiver<bool>,
+}
+
+pub struct SessionInit {
+    pub fe: Arc<Frontend>,
+    pub pool: Arc<Pool>,
+    pub params: SessionParams,
+    pub cancel: Arc<CancelSlot>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub fn new(init: SessionInit, rd: R, wr: W, leftover: BytesMut) -> Self {
+        Session {
+            fe: init.fe,
+            rd,
+            wr,
+            cbuf: leftover,
+            cout: BytesMut::with_capacity(16 * 1024),
+            sout: BytesMut::with_capacity(4 * 1024),
+            pool: init.pool,
+            server: None,
+            ops: VecDeque::new(),
+            skipping: false,
+            statements: HashMap::new(),
+            unnamed: None,
+            startup_params: init.params.clone(),
+            params: init.params,
+            pending: Vec::new(),
+            txn_failed: false,
+            cancel: init.cancel,
+            shutdown: init.shutdown,
+        }
+    }
+
+    pub async fn run(mut self) {
+        if let Err(error) = self.query_loop().await {
+            match &error {
+                SessionError::ClientIo(_) => {}
+                SessionError::Protocol(e) => self.fatal("08P01", &e.to_string()),
+                SessionError::Backend(e) => {
+                    tracing::warn!(%error, "server connection failed");
+                    self.fatal(e.sqlstate(), &e.to_string())
+                }
+            }
+        }
+        self.flush_client().await;
+        self.finish().await;
+    }
+
+    async fn query_loop(&mut self) -> Result<(), SessionError> {
+        loop {
+            if let Flow::Stop = self.process_client_frames().await? {
+                return Ok(());
+            }
+            self.process_server_frames()?;
+            self.maybe_release().await;
+            if self.server.is_none() && *self.shutdown.borrow() {
+                return Err(self.shutting_down());
+            }
+            match self.wait_io().await? {
+                Event::ClientRead(0) => return Ok(()),
+                Event::ServerRead(0) => return Err(BackendError::Closed.into()),
+                Event::Shutdown => return Err(self.shutting_down()),
+                Event::ClientRead(_) | Event::ServerRead(_) | Event::Wrote => {}
+            }
+        }
+    }
+
+    fn shutting_down(&mut self) -> SessionError {
+        self.fatal("57P01", "terminating connection due to administrator command");
+        SessionError::ClientIo(io::Error::other("shutdown"))
+    }
+
+    async fn wait_io(&mut self) -> Result<Event, SessionError> {
+        let Session {
+            rd,
+            wr,
+            cbuf,
+            cout,
+            sout,
+            server,
+            shutdown,
+            ..
+        } = self;
+        let idle = server.is_none();
+        let (srd, swr, rbuf) = match server.as_mut() {
+            Some(conn) => {
+                let conn = &mut **conn;
+                conn.rbuf.reserve(16 * 1024);
+                (Some(&mut conn.rd), Some(&mut conn.wr), Some(&mut conn.rbuf))
+            }
+            None => (None, None, None),
+        };
+        cbuf.reserve(8 * 1024);
+        tokio::select! {
+            biased;
+            r = wr.write_buf(cout), if !cout.is_empty() => { r?; Ok(Event::Wrote) }
+            r = write_server(swr, sout), if !sout.is_empty() => { r.map_err(BackendError::Io)?; Ok(Event::Wrote) }
+            r = read_server(srd, rbuf), if !idle && cout.len() < OUT_LIMIT => {
+                Ok(Event::ServerRead(r.map_err(BackendError::Io)?))
+            }
+            r = rd.read_buf(cbuf), if sout.len() < OUT_LIMIT => Ok(Event::ClientRead(r?)),
+            _ = shutdown.changed(), if idle => Ok(Event::Shutdown),
+        }
+    }
+
+    /// Borrows a server connection for this client if it has none, and brings the
+    /// connection's session settings in line with the client's.
+    async fn ensure_server(&mut self) -> Result<(), SessionError> {
+        if self.server.is_none() {
+            let conn = self.pool.acquire().await?;
+            self.cancel.set(Some(CancelTarget {
+                host: conn.host.clone(),
+                port: conn.port,
+                key: conn.backend_key,
+            }));
+            self.server = Some(conn);
+        }
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if self.ops.is_empty()
+            && self.sout.is_empty()
+            && conn.applied.fingerprint() != self.params.fingerprint()
+        {
+            let sql = self.params.diff_sql(&conn.applied);
+            conn.run_internal(&sql).await?;
+            conn.applied = self.params.clone();
+        }
+        Ok(())
+    }
+
+    /// Transaction pooling: give the server back as soon as it is idle and we owe
+    /// nothing to either side.
+    async fn maybe_release(&mut self) {
+        if self.fe.settings.pool_mode != PoolMode::Transaction {
+            return;
+        }
+        let idle = match &self.server {
+            Some(conn) => {
+                self.ops.is_empty()
+                    && !self.skipping
+                    && self.sout.is_empty()
+                    && conn.rbuf.is_empty()
+                    && conn.txn_status == b'I'
+            }
+            None => false,
+        };
+        if idle {
+            self.release_server().await;
+        }
+    }
+
+    async fn release_server(&mut self) {
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        self.cancel.set(None);
+        let reset = tokio::time::timeout(self.fe.settings.pool.acquire_timeout, conn.reset()).await;
+        match reset {
+            Ok(Ok(())) => conn.release(),
+            Ok(Err(error)) => tracing::warn!(%error, "server reset failed; closing it"),
+            Err(_) => tracing::warn!("server reset timed out; closing it"),
+        }
+    }
+
+    /// The client is gone: keep the server connection only if it is between messages
+    /// (then a ROLLBACK ends any open transaction); otherwise cancel and close it.
+    async fn finish(&mut self) {
+        let between = self.ops.is_empty()
+            && self.sout.is_empty()
+            && self.server.as_ref().is_some_and(|c| c.rbuf.is_empty());
+        if between {
+            self.release_server().await;
+        } else if let Some(conn) = self.server.take() {
+            self.cancel.set(None);
+            let (host, port, key) = (conn.host.clone(), conn.port, conn.backend_key);
+            drop(conn);
+            tokio::spawn(async move {
+                let _ = crate::backend::conn::send_cancel(&host, port, key).await;
+            });
+        }
+    }
+
+    fn fatal(&mut self, code: &str, message: &str) {
+        messages::error_fields(&mut self.cout, b'E', "FATAL", code, message);
+    }
+
+    async fn flush_client(&mut self) {
+        let timeout = std::time::Duration::from_secs(1);
+        let _ = tokio::time::timeout(timeout, async {
+            let _ = self.wr.write_all(&self.cout).await;
+            let _ = self.wr.flush().await;
+        })
+        .await;
+        self.cout.clear();
+    }
+}
+
+async fn read_server(rd: Option<&mut OwnedReadHalf>, buf: Option<&mut BytesMut>) -> io::Result<usize> {
+    match (rd, buf) {
+        (Some(rd), Some(buf)) => rd.read_buf(buf).await,
+        _ => std::future::pending().await,
+    }
+}
+
+async fn write_server(wr: Option<&mut OwnedWriteHalf>, buf: &mut BytesMut) -> io::Result<usize> {
+    match wr {
+        Some(wr) => wr.write_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}

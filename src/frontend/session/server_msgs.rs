@@ -1,0 +1,172 @@
+//! Server -> client direction: frames pass through byte for byte; we only look at tags
+//! to know which forwarded message each answer completes, to drop answers to messages
+//! the proxy injected, to slot in answers the proxy gives itself, and to learn the
+//! transaction status at ReadyForQuery.
+
+use bytes::Buf;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Expect, Op, Session, SessionError};
+use crate::backend::conn::MAX_SERVER_MESSAGE;
+use crate::backend::params::SessionParams;
+use crate::frontend::session_sql::SessionEffect;
+use crate::protocol::messages::btag;
+use crate::protocol::peek_frame;
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pub(super) fn process_server_frames(&mut self) -> Result<(), SessionError> {
+        while self.cout.len() < super::OUT_LIMIT {
+            let Some(conn) = self.server.as_mut() else {
+                return Ok(());
+            };
+            let Some(header) = peek_frame(&conn.rbuf, MAX_SERVER_MESSAGE)? else {
+                return Ok(());
+            };
+            let status = conn.rbuf.get(5).copied().unwrap_or(b'I');
+            let forward = self.on_server_message(header.tag, status);
+            let Some(conn) = self.server.as_mut() else {
+                return Ok(());
+            };
+            if forward {
+                self.cout.extend_from_slice(&conn.rbuf[..header.len]);
+            }
+            if header.tag == btag::COMMAND_COMPLETE && conn.rbuf[5..header.len].starts_with(b"ROLLBACK") {
+                self.txn_failed = true;
+            }
+            conn.rbuf.advance(header.len);
+            if header.tag == btag::READY_FOR_QUERY {
+                self.on_ready(status);
+            }
+            self.emit_synthetic();
+        }
+        Ok(())
+    }
+
+    /// Updates the op queue for one server message; returns whether the client sees it.
+    /// `first_byte` is the body's first byte (the status for ReadyForQuery).
+    fn on_server_message(&mut self, tag: u8, first_byte: u8) -> bool {
+        let head = match self.ops.front() {
+            Some(Op::Forward(e)) => Some((*e, false)),
+            Some(Op::Hidden(e)) => Some((*e, true)),
+            _ => None,
+        };
+        let hidden = head.is_some_and(|(_, h)| h);
+        let expect = head.map(|(e, _)| e);
+        match tag {
+            btag::READY_FOR_QUERY => {
+                if let Some(conn) = self.server.as_mut() {
+                    conn.txn_status = first_byte;
+                }
+                self.ops.pop_front();
+                true
+            }
+            btag::ERROR_RESPONSE => {
+                self.txn_failed = true;
+                if !matches!(expect, Some(Expect::Query | Expect::FunctionCall)) {
+                    self.drop_until_sync();
+                }
+                true
+            }
+            btag::PARSE_COMPLETE | btag::BIND_COMPLETE | btag::CLOSE_COMPLETE => {
+                self.ops.pop_front();
+                !hidden
+            }
+            btag::ROW_DESCRIPTION | btag::NO_DATA => {
+                if expect == Some(Expect::Describe) {
+                    self.ops.pop_front();
+                }
+                true
+            }
+            btag::COMMAND_COMPLETE | btag::EMPTY_QUERY | btag::PORTAL_SUSPENDED => {
+                if expect == Some(Expect::Execute) {
+                    self.ops.pop_front();
+                }
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// After an extended-protocol error the server skips to the next Sync: so do the
+    /// answers we owe. Statements whose Parse never ran are not on the server.
+    fn drop_until_sync(&mut self) {
+        while let Some(op) = self.ops.front() {
+            if matches!(op, Op::Forward(Expect::Sync)) {
+                return;
+            }
+            if let Some(Op::Forward(Expect::Parse { named, unnamed }) | Op::Hidden(Expect::Parse { named, unnamed })) =
+                self.ops.pop_front()
+            {
+                if let Some(conn) = self.server.as_mut() {
+                    if let Some(id) = named {
+                        conn.prepared.remove(&id);
+                    }
+                    if unnamed.is_some() {
+                        conn.unnamed = None;
+                    }
+                }
+            }
+        }
+        self.skipping = true;
+    }
+
+    fn emit_synthetic(&mut self) {
+        while let Some(Op::Synthetic(bytes)) = self.ops.front() {
+            self.cout.extend_from_slice(bytes);
+            self.ops.pop_front();
+        }
+    }
+
+    /// At ReadyForQuery 'I' the transaction is over: its session effects become the
+    /// client's settings (and are known to be on this server), or vanish with a
+    /// rollback. When a rollback may have undone only part of them, the server is
+    /// marked for DISCARD ALL rather than guessed about.
+    fn on_ready(&mut self, status: u8) {
+        if status != b'I' {
+            return;
+        }
+        let effects = std::mem::take(&mut self.pending);
+        let failed = std::mem::replace(&mut self.txn_failed, false);
+        let Some(conn) = self.server.as_mut() else {
+            return;
+        };
+        if failed {
+            conn.tainted |= !effects.is_empty();
+            return;
+        }
+        for effect in effects {
+            match effect {
+                SessionEffect::Set { name, value } => {
+                    self.params.set(&name, &value);
+                    conn.applied.set(&name, &value);
+                }
+                SessionEffect::Reset { name } => {
+                    // RESET returns to the session default: the startup value if any.
+                    match self.startup_params.get(&name) {
+                        Some(v) => self.params.set(&name, &v.to_owned()),
+                        None => self.params.remove(&name),
+                    }
+                    conn.applied.remove(&name);
+                }
+                SessionEffect::ResetAll => {
+                    self.params = self.startup_params.clone();
+                    conn.applied = SessionParams::default();
+                }
+                SessionEffect::DiscardAll | SessionEffect::DeallocateAll => {
+                    if effect == SessionEffect::DiscardAll {
+                        self.params = self.startup_params.clone();
+                        conn.applied = SessionParams::default();
+                    }
+                    conn.prepared.clear();
+                    conn.unnamed = None;
+                    self.statements.clear();
+                    self.unnamed = None;
+                }
+            }
+        }
+    }
+}

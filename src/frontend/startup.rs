@@ -1,0 +1,312 @@
+//! A client connection from accept to the query loop: SSL/GSS negotiation, the startup
+//! packet (or a CancelRequest), SCRAM-SHA-256 authentication, then ParameterStatus,
+//! BackendKeyData and ReadyForQuery, all within the login timeout.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tracing::Instrument;
+
+use super::session::{Session, SessionInit};
+use super::stream::ClientStream;
+use super::Frontend;
+use crate::backend::params::{quote_literal, SessionParams};
+use crate::protocol::messages::{self, btag};
+use crate::protocol::{decode_frame, decode_startup, scram, Frame, StartupPacket};
+
+/// Authentication messages are small; anything bigger is an attack or a bug.
+const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error("client I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{1}")]
+    Refused(&'static str, String),
+    #[error("login timed out")]
+    Timeout,
+}
+
+struct Login {
+    user: String,
+    database: String,
+    params: SessionParams,
+}
+
+/// Serves one accepted connection to the end. `permit` is None when the connection
+/// limit is reached: the client then gets SQLSTATE 53300 after its startup packet.
+pub async fn serve(
+    socket: TcpStream,
+    fe: Arc<Frontend>,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    socket.set_nodelay(true).ok();
+    let span = tracing::info_span!("client", client.addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
+    async move {
+        let mut stream = ClientStream::Plain(socket);
+        let mut buf = BytesMut::with_capacity(1024);
+        let login = tokio::time::timeout(
+            fe.settings.login_timeout,
+            login(&mut stream, &mut buf, &fe, permit.is_some()),
+        )
+        .await
+        .unwrap_or(Err(LoginError::Timeout));
+        let (user, database, params) = match login {
+            Ok(Some(l)) => (l.user, l.database, l.params),
+            Ok(None) => return,
+            Err(error) => {
+                refuse(&mut stream, &error).await;
+                return;
+            }
+        };
+        tracing::Span::current().record("user", user.as_str()).record("db", database.as_str());
+        run_session(stream, buf, fe, user, params, shutdown).await;
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn refuse(stream: &mut ClientStream, error: &LoginError) {
+    tracing::info!(%error, "login refused");
+    if let LoginError::Refused(code, message) = error {
+        let mut out = BytesMut::new();
+        messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", code, message);
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+    } else if let LoginError::Timeout = error {
+        let mut out = BytesMut::new();
+        messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", "08006", "login timed out");
+        let _ = stream.write_all(&out).await;
+    }
+}
+
+async fn login(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    fe: &Frontend,
+    has_slot: bool,
+) -> Result<Option<Login>, LoginError> {
+    let params = loop {
+        match read_startup(stream, buf).await? {
+            StartupPacket::SslRequest => negotiate_tls(stream, fe).await?,
+            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            StartupPacket::Cancel { pid, secret } => {
+                forward_cancel(fe, pid, secret).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup { params } => break params,
+        }
+    };
+    if !has_slot {
+        return Err(LoginError::Refused("53300", "sorry, too many clients already".into()));
+    }
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let user = get("user").ok_or_else(|| LoginError::Refused("28000", "no user name given".into()))?;
+    let database = get("database").unwrap_or_else(|| user.clone());
+    if get("replication").is_some_and(|r| r != "false" && r != "0") {
+        return Err(LoginError::Refused("08P01", "replication connections are not supported".into()));
+    }
+    authenticate(stream, buf, fe, &user).await?;
+    if database != fe.settings.database {
+        return Err(LoginError::Refused("3D000", format!("database \"{database}\" does not exist")));
+    }
+    let session_params = startup_session_params(&params);
+    Ok(Some(Login {
+        user,
+        database,
+        params: session_params,
+    }))
+}
+
+async fn read_startup(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<StartupPacket, LoginError> {
+    loop {
+        match decode_startup(buf) {
+            Ok(Some(packet)) => return Ok(packet),
+            Ok(None) => {}
+            Err(e) => return Err(LoginError::Refused("08P01", e.to_string())),
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(LoginError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), LoginError> {
+    let Some(acceptor) = &fe.tls else {
+        stream.write_all(b"N").await?;
+        return Ok(());
+    };
+    let ClientStream::Plain(mut tcp) = std::mem::replace(stream, ClientStream::Closed) else {
+        return Err(LoginError::Refused("08P01", "SSLRequest after TLS was established".into()));
+    };
+    tcp.write_all(b"S").await?;
+    let tls = acceptor.accept(tcp).await?;
+    *stream = ClientStream::Tls(Box::new(tls));
+    Ok(())
+}
+
+async fn forward_cancel(fe: &Frontend, pid: u32, secret: u32) {
+    match fe.cancels.lookup(pid, secret) {
+        Some(target) => {
+            if let Err(error) = crate::backend::conn::send_cancel(&target.host, target.port, target.key).await {
+                tracing::warn!(%error, "forwarding cancel failed");
+            }
+        }
+        None => tracing::debug!(pid, "cancel for no running query or with a wrong key"),
+    }
+}
+
+async fn read_auth_frame(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<Frame, LoginError> {
+    loop {
+        match decode_frame(buf, MAX_AUTH_MESSAGE) {
+            Ok(Some(frame)) if frame.tag == b'p' => return Ok(frame),
+            Ok(Some(_)) => return Err(LoginError::Refused("08P01", "expected a password message".into())),
+            Ok(None) => {}
+            Err(e) => return Err(LoginError::Refused("08P01", e.to_string())),
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(LoginError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// SCRAM-SHA-256. Unknown users run the same exchange against a decoy secret.
+async fn authenticate(stream: &mut ClientStream, buf: &mut BytesMut, fe: &Frontend, user: &str) -> Result<(), LoginError> {
+    let failed = || LoginError::Refused("28P01", format!("password authentication failed for user \"{user}\""));
+    let secret = fe.users.get(user).map_or(&fe.decoy, |u| &u.scram);
+    let mut out = BytesMut::new();
+    messages::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
+    stream.write_all(&out).await?;
+
+    let frame = read_auth_frame(stream, buf).await?;
+    let mut body = frame.body();
+    let mechanism = crate::protocol::frame::take_cstr(&mut body).map_err(|_| failed())?;
+    let declared = crate::protocol::frame::take_i32(&mut body).map_err(|_| failed())?;
+    if mechanism != scram::MECHANISM || declared as usize != body.len() {
+        return Err(LoginError::Refused("28000", "unsupported SASL mechanism or malformed message".into()));
+    }
+    let (exchange, server_first) = scram::server_first(secret, body).map_err(|_| failed())?;
+    out.clear();
+    messages::auth_request(&mut out, 11, server_first.as_bytes());
+    stream.write_all(&out).await?;
+
+    let frame = read_auth_frame(stream, buf).await?;
+    let server_final = exchange.server_final(secret, frame.body()).map_err(|_| failed())?;
+    if !fe.users.contains_key(user) {
+        return Err(failed());
+    }
+    out.clear();
+    messages::auth_request(&mut out, 12, server_final.as_bytes());
+    messages::auth_request(&mut out, 0, b"");
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+/// Startup parameters become session settings replayed on each server connection,
+/// except those that pick the connection itself.
+fn startup_session_params(params: &[(String, String)]) -> SessionParams {
+    let mut session = SessionParams::default();
+    for (name, value) in params {
+        match name.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                for (k, v) in parse_options(value) {
+                    session.set(&k, &quote_literal(&v));
+                }
+            }
+            _ => {
+                let lower = name.to_ascii_lowercase();
+                if lower.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                    session.set(&lower, &quote_literal(value));
+                }
+            }
+        }
+    }
+    session
+}
+
+/// `-c name=value` and `--name=value` pairs of the `options` startup parameter.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut words = options.split_whitespace();
+    while let Some(word) = words.next() {
+        let pair = if word == "-c" {
+            words.next()
+        } else {
+            word.strip_prefix("-c").or_else(|| word.strip_prefix("--"))
+        };
+        if let Some((k, v)) = pair.and_then(|p| p.split_once('=')) {
+            let k = k.replace('-', "_").to_ascii_lowercase();
+            if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                out.push((k, v.to_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Greets the authenticated client and runs its query loop.
+async fn run_session(
+    stream: ClientStream,
+    buf: BytesMut,
+    fe: Arc<Frontend>,
+    user: String,
+    params: SessionParams,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut stream = stream;
+    let pool = fe.pools.get(&fe.server_target(&user), &fe.settings.pool);
+    let server_params = match pool.server_params().await {
+        Ok(p) => p,
+        Err(error) => {
+            let error = LoginError::Refused("08006", format!("cannot reach the database server: {error}"));
+            refuse(&mut stream, &error).await;
+            return;
+        }
+    };
+    let cancel = fe.cancels.register();
+    let mut out = BytesMut::new();
+    for (name, value) in server_params.iter() {
+        let ours = params.get(&name.to_ascii_lowercase()).map(unquote);
+        messages::parameter_status(&mut out, name, ours.as_deref().unwrap_or(value));
+    }
+    messages::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    messages::ready_for_query(&mut out, b'I');
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    let init = SessionInit {
+        fe: fe.clone(),
+        pool,
+        params,
+        cancel: cancel.slot.clone(),
+        shutdown,
+    };
+    match stream {
+        ClientStream::Plain(tcp) => {
+            let (rd, wr) = tcp.into_split();
+            Session::new(init, rd, wr, buf).run().await
+        }
+        ClientStream::Tls(tls) => {
+            let (rd, wr) = tokio::io::split(*tls);
+            Session::new(init, rd, wr, buf).run().await
+        }
+        ClientStream::Closed => {}
+    }
+}
+
+/// Inverse of `quote_literal` for values we quoted ourselves.
+fn unquote(value: &str) -> String {
+    value
+        .strip_prefix('\'')
+        .and_then(|v| v.strip_suffix('\''))
+        .map(|v| v.replace("''", "'"))
+        .unwrap_or_else(|| value.to_owned())
+}
+
