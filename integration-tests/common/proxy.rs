@@ -1,0 +1,163 @@
+//! Starts a shardgate proxy in-process, in front of a test cluster, configured from
+//! real YAML files (the same loading path as the binary). Each test gets its own proxy
+//! on a free port, so pools and settings never leak between tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use shardgate::app::{self, ProxyHandle};
+use shardgate::config::Config;
+use shardgate::shard_map::ShardMap;
+
+use super::TestCluster;
+
+pub struct ProxyOptions {
+    pub pool_mode: &'static str,
+    pub pool_size: usize,
+    pub max_client_connections: usize,
+    pub max_message_size: &'static str,
+    pub acquire_timeout: &'static str,
+    /// (cert, key) PEM paths.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub shutdown_grace: &'static str,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            pool_mode: "transaction",
+            pool_size: 4,
+            max_client_connections: 100,
+            max_message_size: "1MB",
+            acquire_timeout: "5s",
+            tls: None,
+            shutdown_grace: "10s",
+        }
+    }
+}
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub handle: ProxyHandle,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    _dir: TempDir,
+}
+
+impl TestProxy {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq/tokio-postgres connection string for the app user through the proxy.
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={} password={} dbname={}",
+            self.addr.port(),
+            self.user,
+            self.password,
+            self.database
+        )
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            self.user,
+            self.password,
+            self.addr.port(),
+            self.database
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.dsn()).await
+    }
+}
+
+pub async fn connect(dsn: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn temp_dir(prefix: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), super::unique_name("d")));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    TempDir(dir)
+}
+
+pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy {
+    let dir = temp_dir("shardgate-proxy");
+    let (host, port) = &cluster.primary;
+    let replicas: Vec<String> = cluster
+        .replicas
+        .iter()
+        .map(|(h, p)| format!("\"{h}:{p}\""))
+        .collect();
+    let map = format!(
+        "version: 1\ndatabase: {}\nshards:\n  s0: {{ primary: \"{host}:{port}\", replicas: [{}] }}\ndefault_shard: s0\n",
+        cluster.database,
+        replicas.join(", ")
+    );
+    let tls = match &opts.tls {
+        Some((cert, key)) => format!("tls: {{ cert: {}, key: {} }}\n", cert.display(), key.display()),
+        None => String::new(),
+    };
+    let config = format!(
+        "listen: 127.0.0.1:0\n{tls}pool: {{ mode: {}, size: {}, acquire_timeout: {} }}\nlimits: {{ max_client_connections: {}, max_message_size: {}, shutdown_grace: {} }}\nusers:\n  - {{ name: {}, password: {} }}\nshard_map: map.yaml\n",
+        opts.pool_mode,
+        opts.pool_size,
+        opts.acquire_timeout,
+        opts.max_client_connections,
+        opts.max_message_size,
+        opts.shutdown_grace,
+        cluster.app_user,
+        cluster.app_password,
+    );
+    std::fs::write(dir.0.join("map.yaml"), map).expect("write map");
+    std::fs::write(dir.0.join("shardgate.yaml"), config).expect("write config");
+    let config = Config::load(&dir.0.join("shardgate.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let map = ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
+    let handle = app::start(&config, &map).await.expect("proxy starts");
+    TestProxy {
+        addr: handle.local_addr,
+        handle,
+        user: cluster.app_user.clone(),
+        password: cluster.app_password.clone(),
+        database: cluster.database.clone(),
+        _dir: dir,
+    }
+}
+
+/// Runs a command to completion, returning (success, stdout, stderr).
+pub fn run_cmd(cmd: &mut std::process::Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Path of a PostgreSQL client binary (psql, pgbench) from the local installation.
+pub fn pg_bin(name: &str) -> PathBuf {
+    match shardgate::local_cluster::find_bin_dir() {
+        Ok(dir) => dir.join(name),
+        Err(_) => PathBuf::from(name),
+    }
+}

@@ -1,0 +1,250 @@
+//! The data path is transparent: simple and extended protocol, binary values of many
+//! types, prepared statements across pooled transactions, COPY both ways, psql, and
+//! bad frames — all through the proxy against a real primary.
+
+mod common;
+
+use common::proxy::{pg_bin, run_cmd, start_proxy, ProxyOptions};
+use common::{shared_cluster, superuser_client, unique_name};
+use futures_util::{pin_mut, SinkExt, TryStreamExt};
+use std::collections::HashSet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+
+/// Any value as its raw binary wire bytes, to compare proxy output with the server's.
+#[derive(Debug, PartialEq)]
+struct Raw(Vec<u8>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(raw.to_vec()))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+impl ToSql for Raw {
+    fn to_sql(&self, _: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+    to_sql_checked!();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simple_and_extended_queries() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let client = proxy.client().await;
+    let rows = client.simple_query("SELECT 1 AS a; SELECT 'x' AS b, NULL AS c").await.unwrap();
+    let values: Vec<Option<String>> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(String::from))),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(values, vec![Some("1".into()), Some("x".into()), None]);
+    let row = client.query_one("SELECT $1::int4 + 1, $2::text || '!'", &[&41i32, &"hi"]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert_eq!(row.get::<_, String>(1), "hi!");
+    // An error in the extended protocol leaves the session usable.
+    let err = client.query("SELECT 1/0", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    assert_eq!(client.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    // Empty query and a notice pass through.
+    client.batch_execute("").await.unwrap();
+    client.batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_values_of_many_types_round_trip_byte_for_byte() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let direct = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    let client = proxy.client().await;
+    let table = unique_name("types");
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (i2 int2, i4 int4, i8 int8, num numeric, t text, b bytea, j jsonb,
+             u uuid, ts timestamptz, arr int4[], tarr text[], n int4, f float8, ok bool)"
+        ))
+        .await
+        .unwrap();
+    // Binary encodings straight from the server, for the types we pass as raw bytes.
+    let samples = direct
+        .query_one(
+            "SELECT '-12345.678900'::numeric, '{\"k\": [1, \"v\"]}'::jsonb,
+                    'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid, '2026-11-22 10:11:12.345678+00'::timestamptz",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (num, j, u, ts): (Raw, Raw, Raw, Raw) = (samples.get(0), samples.get(1), samples.get(2), samples.get(3));
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    client
+        .execute(
+            &format!("INSERT INTO {table} VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
+            &[
+                &-7i16, &i32::MIN, &i64::MAX, &num, &"héllo\u{1F600}", &bytes, &j, &u, &ts,
+                &vec![1i32, -2, 3], &vec!["a".to_string(), "b c".into()], &None::<i32>, &1.5e300f64, &true,
+            ],
+        )
+        .await
+        .unwrap();
+    let row = client.query_one(&format!("SELECT * FROM {table}"), &[]).await.unwrap();
+    assert_eq!(row.get::<_, i16>(0), -7);
+    assert_eq!(row.get::<_, i32>(1), i32::MIN);
+    assert_eq!(row.get::<_, i64>(2), i64::MAX);
+    assert_eq!(row.get::<_, Raw>(3), num);
+    assert_eq!(row.get::<_, String>(4), "héllo\u{1F600}");
+    assert_eq!(row.get::<_, Vec<u8>>(5), bytes);
+    assert_eq!(row.get::<_, Raw>(6), j);
+    assert_eq!(row.get::<_, Raw>(7), u);
+    assert_eq!(row.get::<_, Raw>(8), ts);
+    assert_eq!(row.get::<_, Vec<i32>>(9), vec![1, -2, 3]);
+    assert_eq!(row.get::<_, Vec<String>>(10), vec!["a".to_string(), "b c".into()]);
+    assert_eq!(row.get::<_, Option<i32>>(11), None);
+    assert_eq!(row.get::<_, f64>(12), 1.5e300);
+    assert!(row.get::<_, bool>(13));
+    // The same row read directly from the server is identical, column by column.
+    let through_server = direct.query_one(&format!("SELECT * FROM {table}"), &[]).await.unwrap();
+    for i in 0..row.len() {
+        assert_eq!(
+            row.get::<_, Option<Raw>>(i),
+            through_server.get::<_, Option<Raw>>(i),
+            "column {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_survive_transactions_on_other_server_connections() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 3, ..Default::default() }).await;
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    let stmt = a.prepare("SELECT $1::int8 * 2, pg_backend_pid()").await.unwrap();
+    // b prepares a different statement that its driver also names "s0".
+    let other = b.prepare("SELECT $1::text || '-b'").await.unwrap();
+    let mut pids = HashSet::new();
+    for i in 0..200i64 {
+        // b holds a server connection inside a transaction now and then, so a's next
+        // transaction has to run on another one.
+        if i % 10 == 0 {
+            b.batch_execute("BEGIN").await.unwrap();
+        }
+        let row = a.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), i * 2);
+        pids.insert(row.get::<_, i32>(1));
+        let brow = b.query_one(&other, &[&i.to_string()]).await.unwrap();
+        assert_eq!(brow.get::<_, String>(0), format!("{i}-b"));
+        if i % 10 == 5 {
+            b.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+    assert!(pids.len() >= 2, "the statement ran on {} server connection(s)", pids.len());
+    // Explicit transactions keep working with a prepared statement inside.
+    a.batch_execute("BEGIN").await.unwrap();
+    let p1 = a.query_one(&stmt, &[&1i64]).await.unwrap().get::<_, i32>(1);
+    let p2 = a.query_one(&stmt, &[&2i64]).await.unwrap().get::<_, i32>(1);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(p1, p2, "one transaction, one server connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out_ten_thousand_rows() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let client = proxy.client().await;
+    let table = unique_name("copy");
+    client.batch_execute(&format!("CREATE TABLE {table} (id int, v text)")).await.unwrap();
+    let sink = client.copy_in(&format!("COPY {table} FROM STDIN")).await.unwrap();
+    pin_mut!(sink);
+    let mut expected = String::new();
+    for i in 0..10_000 {
+        expected.push_str(&format!("{i}\tvalue {i}\n"));
+    }
+    for chunk in expected.as_bytes().chunks(7_000) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 10_000);
+    let stream = client.copy_out(&format!("COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT")).await.unwrap();
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
+    let out: Vec<u8> = chunks.concat();
+    assert_eq!(String::from_utf8(out).unwrap(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_works_through_the_proxy() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let table = unique_name("psql");
+    let script = format!(
+        "CREATE TABLE {table} (a int);\n\\copy {table} FROM PROGRAM 'seq 1 100'\nSELECT sum(a) FROM {table};\n\\set ON_ERROR_STOP 0\nSELECT 1/0;\n\\set ON_ERROR_STOP 1\nBEGIN;\nINSERT INTO {table} VALUES (1000);\nCOMMIT;\nSELECT count(*) FROM {table};\n"
+    );
+    let dir = common::proxy::temp_dir("psql");
+    let file = dir.0.join("script.sql");
+    std::fs::write(&file, &script).unwrap();
+    let (ok, stdout, stderr) = run_cmd(
+        std::process::Command::new(pg_bin("psql"))
+            .arg(proxy.url())
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-f"])
+            .arg(&file),
+    );
+    assert!(ok, "psql failed: {stderr}");
+    let lines: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.contains(&"5050"), "{stdout}");
+    assert_eq!(lines.last(), Some(&"101"), "{stdout}");
+    assert!(stderr.contains("division by zero"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_message_is_refused_without_harm() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions { max_message_size: "64kB", ..Default::default() }).await;
+    let client = proxy.client().await;
+    let big = "x".repeat(100_000);
+    let err = client.query_one("SELECT length($1::text)", &[&big]).await.unwrap_err();
+    let db = err.as_db_error().map(|e| (e.code().code().to_string(), e.message().to_string()));
+    let (code, message) = db.unwrap_or_else(|| panic!("expected a server error, got {err}"));
+    assert_eq!(code, "08P01");
+    assert!(message.contains("exceeds the limit"), "{message}");
+    assert!(client.is_closed() || client.simple_query("SELECT 1").await.is_err());
+    // The proxy still serves others, and a message under the limit passes.
+    let other = proxy.client().await;
+    let small = "y".repeat(10_000);
+    let row = other.query_one("SELECT length($1::text)", &[&small]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_get_an_error_and_the_proxy_survives() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    // A startup packet with an absurd length.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    assert_eq!(reply.first(), Some(&b'E'), "an ErrorResponse, got {reply:?}");
+    // Random garbage.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    assert_eq!(reply.first(), Some(&b'E'));
+    // A GSSENCRequest is declined with 'N'.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 4, 210, 22, 48]).await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"N");
+    let client = proxy.client().await;
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}

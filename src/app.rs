@@ -1,0 +1,159 @@
+//! Wires the proxy together: builds the shared frontend state from the config and
+//! shard map, binds the listener, runs housekeeping, and owns the one shutdown path
+//! (SIGTERM: drain within the grace period; SIGINT: exit now).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::backend::{PoolSettings, Pools};
+use crate::config::{Config, PoolMode as ConfigPoolMode};
+use crate::frontend::listener::Listener;
+use crate::frontend::{BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode};
+use crate::protocol::scram::ScramSecret;
+use crate::shard_map::ShardMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// A running proxy. Dropping the handle does not stop it; call `shutdown`.
+pub struct ProxyHandle {
+    pub local_addr: SocketAddr,
+    pub frontend: Arc<Frontend>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting and lets sessions finish their transactions.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the listener and every session (within the grace period) are done.
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+pub fn build_frontend(config: &Config, map: &ShardMap) -> Result<Frontend, AppError> {
+    let primary = &map.default_shard().primary;
+    let users = config
+        .users
+        .iter()
+        .map(|u| {
+            let user = ClientUser {
+                password: u.password.clone(),
+                scram: ScramSecret::new(&u.password),
+            };
+            (u.name.clone(), user)
+        })
+        .collect::<HashMap<_, _>>();
+    let settings = FrontendSettings {
+        pool_mode: match config.pool.mode {
+            ConfigPoolMode::Transaction => PoolMode::Transaction,
+            ConfigPoolMode::Session => PoolMode::Session,
+        },
+        pool: PoolSettings {
+            size: config.pool.size,
+            acquire_timeout: config.pool.acquire_timeout,
+            connect_timeout: config.pool.connect_timeout,
+            idle_timeout: config.pool.idle_timeout,
+            lifetime: config.pool.server_lifetime,
+        },
+        max_message_size: config.limits.max_message_size,
+        login_timeout: config.limits.login_timeout,
+        database: map.database.clone(),
+    };
+    Ok(Frontend {
+        settings,
+        users,
+        decoy: ScramSecret::new("decoy"),
+        node: BackendNode {
+            host: primary.host.clone(),
+            port: primary.port,
+            user: primary.user.clone(),
+            password: primary.password.clone(),
+        },
+        pools: Pools::default(),
+        statements: Default::default(),
+        cancels: Default::default(),
+        tls: load_tls(config)?,
+    })
+}
+
+fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppError> {
+    let Some(tls) = &config.tls else {
+        return Ok(None);
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| AppError::Tls(format!("{}: {e}", p.display())))
+    };
+    let cert_pem = read(&tls.cert)?;
+    let key_pem = read(&tls.key)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AppError::Tls(format!("{}: {e}", tls.cert.display())))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| AppError::Tls(format!("{}: {e}", tls.key.display())))?
+        .ok_or_else(|| AppError::Tls(format!("{}: no private key found", tls.key.display())))?;
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AppError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| AppError::Tls(e.to_string()))?;
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Binds and starts the proxy in the current tokio runtime.
+pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppError> {
+    let frontend = Arc::new(build_frontend(config, map)?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| AppError::Bind(config.listen, e))?;
+    let local_addr = listener.local_addr().map_err(|e| AppError::Bind(config.listen, e))?;
+    let (tx, rx) = watch::channel(false);
+    let reaper = spawn_reaper(frontend.clone(), config.pool.idle_timeout, rx.clone());
+    let listener = Listener {
+        listener,
+        fe: frontend.clone(),
+        max_clients: config.limits.max_client_connections,
+    };
+    let grace = config.limits.shutdown_grace;
+    let task = tokio::spawn(async move {
+        listener.run(rx, grace).await;
+        reaper.abort();
+    });
+    tracing::info!(%local_addr, database = %map.database, "shardgate listening");
+    Ok(ProxyHandle {
+        local_addr,
+        frontend,
+        shutdown: tx,
+        task,
+    })
+}
+
+/// Closes idle server connections past their idle timeout, a few times per timeout.
+fn spawn_reaper(fe: Arc<Frontend>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => fe.pools.reap(),
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    })
+}

@@ -1,0 +1,203 @@
+//! Server settings from `shardgate.yaml` (DESIGN.md section 3): typed values with their
+//! documented defaults, loaded and validated once at start-up or `RELOAD`.
+//!
+//! The data path never reads YAML: it gets a `Config` whose invariants (at least one user,
+//! a control user that exists, non-zero timeouts and pool sizes) already hold. The reference
+//! for every field lives in `docs/configuration.md`; the `Default` impls below are the
+//! single source of those defaults.
+
+mod build;
+mod error;
+mod raw;
+#[cfg(test)]
+mod tests;
+pub mod units;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+
+/// Everything in `shardgate.yaml`, with defaults applied and relative paths resolved
+/// against the directory of the file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was loaded from, as given (used in messages and `SHOW` output).
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    /// Address of the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`); off when `None`.
+    pub metrics: Option<SocketAddr>,
+    pub admin: AdminConfig,
+    /// Without it an SSLRequest is answered with 'N'.
+    pub tls: Option<TlsConfig>,
+    pub pool: PoolConfig,
+    pub limits: LimitsConfig,
+    /// Never empty; names are unique.
+    pub users: Vec<UserConfig>,
+    pub control: ControlConfig,
+    pub routing: RoutingConfig,
+    pub failover: FailoverConfig,
+    pub shard_map: PathBuf,
+}
+
+/// Credentials for the admin console, the virtual database `shardgate`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub user: String,
+    /// `None` means nobody can log into the console.
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// When a client gives its server connection back to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolMode {
+    /// At the end of each transaction (or each statement outside one).
+    #[default]
+    Transaction,
+    /// When the client disconnects.
+    Session,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per (node, user, database); at least 1.
+    pub size: usize,
+    /// How long a client waits for a free server connection before getting an error.
+    pub acquire_timeout: Duration,
+    /// TCP connect plus backend authentication.
+    pub connect_timeout: Duration,
+    /// An unused server connection is closed after this long.
+    pub idle_timeout: Duration,
+    /// A server connection is closed when returned to the pool after this long in use.
+    pub server_lifetime: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_client_connections: usize,
+    /// Largest protocol message accepted from a client or server, in bytes.
+    pub max_message_size: usize,
+    /// Time from TCP accept to completed authentication.
+    pub login_timeout: Duration,
+    /// How long SIGTERM waits for open transactions before closing connections.
+    pub shutdown_grace: Duration,
+}
+
+/// A role clients log in as; the same name and password are used towards the backends.
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+}
+
+/// The role used for monitoring, promotion and resharding SQL.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Always one of `Config::users`.
+    pub user: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// A replica further behind than this (in time) gets no reads.
+    pub max_replica_lag: Duration,
+    /// A replica further behind than this (in WAL bytes) gets no reads.
+    pub max_replica_lag_bytes: u64,
+    pub read_your_writes: bool,
+    pub lag_check_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FailoverConfig {
+    pub auto: bool,
+    /// How long a primary must be unreachable before automatic promotion.
+    pub after: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            user: "admin".into(),
+            password: None,
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10 * 60),
+            server_lifetime: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_connections: 1000,
+            max_message_size: 64 << 20,
+            login_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            max_replica_lag: Duration::from_secs(1),
+            max_replica_lag_bytes: 16 << 20,
+            read_your_writes: true,
+            lag_check_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            auto: false,
+            after: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Used when `listen` is not given: local-only, on PgBouncer's customary port.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 6432));
+
+impl Config {
+    /// Reads and validates the file; relative paths inside it are resolved against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml_str(&text, path)
+    }
+
+    /// Parses and validates `text` as if it had been read from `source`.
+    pub fn from_yaml_str(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        build::build(text, source).map_err(|issue| issue.into_error(source.to_path_buf()))
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
