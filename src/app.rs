@@ -152,7 +152,7 @@ fn spawn_reaper(fe: Arc<Frontend>, idle_timeout: Duration, mut stop: watch::Rece
         loop {
             tokio::select! {
                 _ = tick.tick() => fe.pools.reap(),
-                _ = stop.wait_for(|s| *s) => return,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             }
         }
     })

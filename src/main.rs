@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Some(Command::Check) => check(cli.config),
-        Some(Command::Demo) => shardgate::demo::run(),
+        Some(Command::Demo) => shardgate::demo::run().map_err(Into::into),
         None => run(cli.config),
     };
     match result {

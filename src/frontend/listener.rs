@@ -35,7 +35,7 @@ impl Listener {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
             }
         }
         drop(self.listener);

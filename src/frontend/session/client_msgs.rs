@@ -42,7 +42,14 @@ where
                 tag::SYNC => self.on_sync(&frame),
                 tag::EXECUTE => self.forward_needing_server(&frame, Expect::Execute).await?,
                 tag::FUNCTION_CALL => self.forward_needing_server(&frame, Expect::FunctionCall).await?,
-                tag::FLUSH | tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
+                tag::COPY_DONE | tag::COPY_FAIL => {
+                    self.copy_in = false;
+                    if self.server.is_some() {
+                        self.sout.extend_from_slice(&frame.raw);
+                    }
+                }
+                tag::FLUSH | tag::COPY_DATA => {
                     // Meaningful only to a server we already hold (COPY IN runs inside
                     // a Query/Execute whose op is still open).
                     if self.server.is_some() {

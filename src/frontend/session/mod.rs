@@ -99,6 +99,9 @@ pub struct Session<R, W> {
     /// Session effects of statements whose transaction has not ended yet.
     pending: Vec<SessionEffect>,
     txn_failed: bool,
+    /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone or
+    /// CopyFail, so those owe no answer.
+    copy_in: bool,
     cancel: Arc<CancelSlot>,
     shutdown: watch::Receiver<bool>,
 }
@@ -134,6 +137,7 @@ where
             params: init.params,
             pending: Vec::new(),
             txn_failed: false,
+            copy_in: false,
             cancel: init.cancel,
             shutdown: init.shutdown,
         }

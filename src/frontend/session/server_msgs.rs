@@ -64,8 +64,20 @@ where
                 self.ops.pop_front();
                 true
             }
+            btag::COPY_IN => {
+                // Syncs the client sent after the Execute that started COPY are ignored
+                // by the server: they owe no ReadyForQuery.
+                self.copy_in = true;
+                let head = self.ops.pop_front();
+                self.ops.retain(|op| !matches!(op, Op::Forward(Expect::Sync)));
+                if let Some(head) = head {
+                    self.ops.push_front(head);
+                }
+                true
+            }
             btag::ERROR_RESPONSE => {
                 self.txn_failed = true;
+                self.copy_in = false;
                 if !matches!(expect, Some(Expect::Query | Expect::FunctionCall)) {
                     self.drop_until_sync();
                 }
