@@ -17,7 +17,7 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
     let mut clients = Vec::new();
     for i in 0..8u64 {
         let c = proxy.client().await;
-        c.batch_execute(&format!("SET statement_timeout = '{}ms'", 1000 + i)).await.unwrap();
+        c.batch_execute(&format!("SET statement_timeout = '{}ms'", 1001 + i)).await.unwrap();
         c.execute(&format!("SET application_name = 'client{i}'"), &[]).await.unwrap();
         clients.push(c);
     }
@@ -29,14 +29,14 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
                     .query_one("SELECT current_setting('statement_timeout'), current_setting('application_name')", &[])
                     .await
                     .unwrap();
-                assert_eq!(row.get::<_, String>(0), format!("{}ms", 1000 + i), "client {i} round {round}");
+                assert_eq!(row.get::<_, String>(0), format!("{}ms", 1001 + i), "client {i} round {round}");
                 assert_eq!(row.get::<_, String>(1), format!("client{i}"));
                 let shown = c.simple_query("SHOW statement_timeout").await.unwrap();
                 let value = shown.iter().find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(String::from),
                     _ => None,
                 });
-                assert_eq!(value, Some(format!("{}ms", 1000 + i)));
+                assert_eq!(value, Some(format!("{}ms", 1001 + i)));
             }
             c
         }));
@@ -45,7 +45,7 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
     for t in tasks {
         clients.push(t.await.unwrap());
     }
-    // The settings really govern execution: 1000ms cuts a 1.5 s sleep.
+    // The settings really govern execution: 1001ms cuts a 1.5 s sleep.
     let err = clients[0].simple_query("SELECT pg_sleep(1.5)").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
     // RESET brings back the default for this client only.
@@ -53,11 +53,11 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
     let r = clients[1].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
     assert_eq!(r.get::<_, String>(0), "0");
     let r = clients[2].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
-    assert_eq!(r.get::<_, String>(0), "1002ms");
+    assert_eq!(r.get::<_, String>(0), "1003ms");
     // A SET rolled back with its transaction is forgotten.
     clients[3].batch_execute("BEGIN; SET statement_timeout = 5; ROLLBACK").await.unwrap();
     let r = clients[3].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
-    assert_eq!(r.get::<_, String>(0), "1003ms");
+    assert_eq!(r.get::<_, String>(0), "1004ms");
     // Never more than two server connections for this pool.
     let direct = superuser_client(cluster, cluster.primary.1, "postgres").await;
     let n: i64 = direct

@@ -40,8 +40,19 @@ const LOG_TAIL_LINES: usize = 30;
 const NODE_CONF: &str = "shardgate-node.conf";
 /// Client environment that would silently redirect our PostgreSQL tools elsewhere.
 const PG_CLIENT_ENV: &[&str] = &[
-    "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGPASSFILE",
-    "PGSERVICE", "PGSERVICEFILE", "PGOPTIONS", "PGSSLMODE", "PGDATA", "PGAPPNAME",
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGSSLMODE",
+    "PGDATA",
+    "PGAPPNAME",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +189,10 @@ impl LocalCluster {
         }
         for tool in tools {
             if !bin_dir.join(tool).is_file() {
-                return Err(ClusterError::MissingTool { tool: tool.into(), dir: bin_dir });
+                return Err(ClusterError::MissingTool {
+                    tool: tool.into(),
+                    dir: bin_dir,
+                });
             }
         }
         let run_as = postgres_ids_if_root()?;
@@ -280,23 +294,30 @@ impl LocalCluster {
     pub fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<(), ClusterError> {
         let deadline = Instant::now() + timeout;
         // With synchronous_commit=off the WAL of a just-acknowledged commit may not be
-        // written yet; a synchronous commit flushes everything before it, so the position
-        // read after it covers all earlier commits. Separate -c's are separate transactions.
+        // written yet, so pg_current_wal_lsn() can be behind it. A synchronous commit
+        // flushes everything before it; it must write WAL of its own to count (a bare
+        // xid assignment commits asynchronously), hence the transactional message.
+        // Separate -c's are separate transactions in one session.
         let out = self.psql_commands(
             self.primary(),
             "postgres",
             &[
                 "SET synchronous_commit = on",
-                "SELECT txid_current()",
+                "SELECT pg_logical_emit_message(true, 'shardgate', '')",
                 "SELECT pg_current_wal_lsn()",
             ],
         )?;
         let lsn = out.lines().last().unwrap_or_default().to_owned();
-        let check = format!("SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn", quote_literal(&lsn));
+        let check = format!(
+            "SELECT pg_last_wal_replay_lsn() >= {}::pg_lsn",
+            quote_literal(&lsn)
+        );
         for replica in self.replicas() {
             let left = deadline.saturating_duration_since(Instant::now());
             let what = format!("{} to replay the primary's WAL up to {lsn}", replica.name());
-            wait_until(&what, left, || Ok(self.psql(replica, "postgres", &check)? == "t"))?;
+            wait_until(&what, left, || {
+                Ok(self.psql(replica, "postgres", &check)? == "t")
+            })?;
         }
         Ok(())
     }
@@ -311,7 +332,8 @@ impl Drop for LocalCluster {
 // Start-up steps.
 impl LocalCluster {
     fn spawn_watchdog(&mut self) -> Result<(), ClusterError> {
-        let (lifeline_reader, lifeline) = io::pipe().map_err(io_err("creating the watchdog pipe"))?;
+        let (lifeline_reader, lifeline) =
+            io::pipe().map_err(io_err("creating the watchdog pipe"))?;
         // $1 = pg_ctl, $2 = the cluster dir. `cat` returns at EOF on the lifeline.
         let script = r#"cat >/dev/null
 for d in "$2"/node*/data; do
@@ -338,8 +360,13 @@ rm -rf "$2""#;
         if let Some((uid, gid)) = self.run_as {
             command.uid(uid).gid(gid);
         }
-        let child = command.spawn().map_err(io_err("spawning the cleanup watchdog"))?;
-        self.watchdog = Some(Watchdog { child, _lifeline: lifeline });
+        let child = command
+            .spawn()
+            .map_err(io_err("spawning the cleanup watchdog"))?;
+        self.watchdog = Some(Watchdog {
+            child,
+            _lifeline: lifeline,
+        });
         Ok(())
     }
 
@@ -347,11 +374,21 @@ rm -rf "$2""#;
         let node = self.new_node(0)?;
         let mut initdb = self.command("initdb");
         initdb.arg("-D").arg(&node.data_dir);
-        initdb.args(["-E", "UTF8", "--locale=C", "-A", "trust", "-U", SUPERUSER, "--no-sync"]);
+        initdb.args([
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "-A",
+            "trust",
+            "-U",
+            SUPERUSER,
+            "--no-sync",
+        ]);
         run(&mut initdb)?;
 
         // Replicas copy these two files with the base backup; only NODE_CONF differs.
-        let mut conf = String::from("\n# Added by shardgate's local cluster (src/local_cluster.rs).\n");
+        let mut conf =
+            String::from("\n# Added by shardgate's local cluster (src/local_cluster.rs).\n");
         for line in shared_settings().iter().chain(&opts.extra_conf) {
             conf.push_str(line);
             conf.push('\n');
@@ -381,9 +418,15 @@ rm -rf "$2""#;
         let primary = self.primary();
         let role = quote_ident(&opts.app_user);
         // password_encryption = scram-sha-256 (shared_settings) stores a SCRAM verifier.
-        let create_role = format!("CREATE ROLE {role} LOGIN PASSWORD {}", quote_literal(&opts.app_password));
+        let create_role = format!(
+            "CREATE ROLE {role} LOGIN PASSWORD {}",
+            quote_literal(&opts.app_password)
+        );
         self.psql(primary, "postgres", &create_role)?;
-        let create_db = format!("CREATE DATABASE {} OWNER {role}", quote_ident(&opts.database));
+        let create_db = format!(
+            "CREATE DATABASE {} OWNER {role}",
+            quote_ident(&opts.database)
+        );
         self.psql(primary, "postgres", &create_db)?;
         Ok(())
     }
@@ -392,7 +435,15 @@ rm -rf "$2""#;
         let node = self.new_node(index)?;
         let primary_port = self.primary().port.to_string();
         let mut basebackup = self.command("pg_basebackup");
-        basebackup.args(["-h", "127.0.0.1", "-p", &primary_port, "-U", SUPERUSER, "-D"]);
+        basebackup.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary_port,
+            "-U",
+            SUPERUSER,
+            "-D",
+        ]);
         basebackup.arg(&node.data_dir);
         // -R writes primary_conninfo and standby.signal. No replication slot: a slot would
         // not exist on a promoted replica, and the others could not follow it.
@@ -408,8 +459,10 @@ rm -rf "$2""#;
         );
         let what = format!("{} to stream from the primary", replica.name());
         wait_until(&what, STREAMING_TIMEOUT, || {
-            Ok(self.psql(replica, "postgres", "SELECT pg_is_in_recovery()")? == "t"
-                && self.psql(self.primary(), "postgres", &streaming)? == "1")
+            Ok(
+                self.psql(replica, "postgres", "SELECT pg_is_in_recovery()")? == "t"
+                    && self.psql(self.primary(), "postgres", &streaming)? == "1",
+            )
         })?;
         tracing::info!(node = %replica.name(), port = replica.port, "replica streaming");
         Ok(())
@@ -457,7 +510,10 @@ impl LocalCluster {
     /// client environment and a HOME and working dir that user can read.
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(self.bin_dir.join(program));
-        command.current_dir(&self.dir).env("HOME", &self.dir).stdin(Stdio::null());
+        command
+            .current_dir(&self.dir)
+            .env("HOME", &self.dir)
+            .stdin(Stdio::null());
         for var in PG_CLIENT_ENV {
             command.env_remove(var);
         }
@@ -468,7 +524,12 @@ impl LocalCluster {
         command
     }
 
-    fn psql_commands(&self, node: &NodeInfo, db: &str, sqls: &[&str]) -> Result<String, ClusterError> {
+    fn psql_commands(
+        &self,
+        node: &NodeInfo,
+        db: &str,
+        sqls: &[&str],
+    ) -> Result<String, ClusterError> {
         let mut psql = self.command("psql");
         psql.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h"]);
         psql.arg(node.node_dir());
@@ -486,14 +547,19 @@ impl LocalCluster {
         // Only this attempt's part of the log explains its failure.
         let log_start = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let mut pg_ctl = self.command("pg_ctl");
-        pg_ctl.arg("-D").arg(&node.data_dir).args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-l"]);
+        pg_ctl
+            .arg("-D")
+            .arg(&node.data_dir)
+            .args(["-w", "-t", PG_CTL_TIMEOUT_SECS, "-l"]);
         pg_ctl.arg(&log).arg("start");
-        run(&mut pg_ctl).map(drop).map_err(|error| ClusterError::Start {
-            node: format!("{} (port {})", node.name(), node.port),
-            reason: error.to_string(),
-            log: log.display().to_string(),
-            log_tail: log_tail(&log, log_start),
-        })
+        run(&mut pg_ctl)
+            .map(drop)
+            .map_err(|error| ClusterError::Start {
+                node: format!("{} (port {})", node.name(), node.port),
+                reason: error.to_string(),
+                log: log.display().to_string(),
+                log_tail: log_tail(&log, log_start),
+            })
     }
 
     fn pg_ctl_stop(&self, node: &NodeInfo, mode: &str) -> Result<(), ClusterError> {
@@ -565,7 +631,9 @@ fn is_running(node: &NodeInfo) -> bool {
 /// its stderr (or stdout, when stderr is empty).
 fn run(command: &mut Command) -> Result<Output, ClusterError> {
     let described = describe(command);
-    let output = command.output().map_err(io_err(format!("running `{described}`")))?;
+    let output = command
+        .output()
+        .map_err(io_err(format!("running `{described}`")))?;
     if output.status.success() {
         return Ok(output);
     }
@@ -582,7 +650,10 @@ fn run(command: &mut Command) -> Result<Output, ClusterError> {
 
 fn describe(command: &Command) -> String {
     let program = Path::new(command.get_program());
-    let name = program.file_name().unwrap_or(program.as_os_str()).to_string_lossy();
+    let name = program
+        .file_name()
+        .unwrap_or(program.as_os_str())
+        .to_string_lossy();
     let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
     format!("{name} {}", args.join(" "))
 }
@@ -606,7 +677,9 @@ fn wait_until(
             return Err(ClusterError::Timeout {
                 what: what.to_owned(),
                 timeout,
-                detail: last_error.map(|e| format!(", last error: {e}")).unwrap_or_default(),
+                detail: last_error
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default(),
             });
         }
         std::thread::sleep(POLL);
@@ -631,14 +704,17 @@ fn log_tail(path: &Path, from: u64) -> String {
 /// newest `/usr/lib/postgresql/<version>/bin` (Debian/Ubuntu). The dir must hold
 /// `initdb` and `pg_ctl`.
 pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
-    let has_server_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let has_server_tools =
+        |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     // An explicit choice is not second-guessed.
     if let Some(dir) = std::env::var_os("PG_BINDIR") {
         let dir = PathBuf::from(dir);
         if has_server_tools(&dir) {
             return Ok(dir);
         }
-        return Err(ClusterError::NoBinDir { searched: format!("PG_BINDIR={}", dir.display()) });
+        return Err(ClusterError::NoBinDir {
+            searched: format!("PG_BINDIR={}", dir.display()),
+        });
     }
     let mut searched = Vec::new();
     // On Debian pg_config may come from libpq-dev of another version than the server.
@@ -663,11 +739,17 @@ pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
         })
         .collect();
     versions.sort();
-    if let Some((_, dir)) = versions.into_iter().rev().find(|(_, dir)| has_server_tools(dir)) {
+    if let Some((_, dir)) = versions
+        .into_iter()
+        .rev()
+        .find(|(_, dir)| has_server_tools(dir))
+    {
         return Ok(dir);
     }
     searched.push("/usr/lib/postgresql/*/bin".to_owned());
-    Err(ClusterError::NoBinDir { searched: searched.join(", ") })
+    Err(ClusterError::NoBinDir {
+        searched: searched.join(", "),
+    })
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read, close).
@@ -701,7 +783,13 @@ fn postgres_ids_if_root() -> Result<Option<(u32, u32)>, ClusterError> {
     // SAFETY: every pointer is valid for the duration of the call and `buf.len()` is its
     // size; we only read the integer fields, which do not point into `buf`.
     let rc = unsafe {
-        libc::getpwnam_r(c"postgres".as_ptr(), &mut passwd, buf.as_mut_ptr(), buf.len(), &mut found)
+        libc::getpwnam_r(
+            c"postgres".as_ptr(),
+            &mut passwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
     };
     if rc != 0 || found.is_null() {
         return Err(ClusterError::NoPostgresUser);
@@ -711,7 +799,11 @@ fn postgres_ids_if_root() -> Result<Option<(u32, u32)>, ClusterError> {
 
 /// `$TMPDIR/shardgate-<pid>-<random>`, mode 0700, owned by the user postgres runs as.
 fn make_temp_dir(run_as: Option<(u32, u32)>) -> Result<PathBuf, ClusterError> {
-    let name = format!("shardgate-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let name = format!(
+        "shardgate-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
     let dir = std::env::temp_dir().join(name);
     make_owned_dir(&dir, run_as)?;
     Ok(dir)
@@ -727,8 +819,9 @@ fn make_owned_dir(dir: &Path, run_as: Option<(u32, u32)>) -> Result<(), ClusterE
 
 fn chown_to(path: &Path, run_as: Option<(u32, u32)>) -> Result<(), ClusterError> {
     match run_as {
-        Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .map_err(io_err(format!("chown {} to the postgres user", path.display()))),
+        Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io_err(
+            format!("chown {} to the postgres user", path.display()),
+        )),
         None => Ok(()),
     }
 }

@@ -59,10 +59,19 @@ impl TestCluster {
     fn from_env() -> Option<TestCluster> {
         let primary = parse_address(&std::env::var("SHARDGATE_TEST_PRIMARY").ok()?);
         let replicas = std::env::var("SHARDGATE_TEST_REPLICAS")
-            .map(|list| list.split(',').filter(|s| !s.trim().is_empty()).map(parse_address).collect())
+            .map(|list| {
+                list.split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(parse_address)
+                    .collect()
+            })
             .unwrap_or_default();
-        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-        let default_dsn = format!("host={} port={} user=postgres dbname=postgres", primary.0, primary.1);
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let default_dsn = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            primary.0, primary.1
+        );
         Some(TestCluster {
             superuser_dsn_primary: var("SHARDGATE_TEST_SUPERUSER_DSN", &default_dsn),
             primary,

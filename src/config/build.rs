@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use serde_saphyr::{Options, Spanned};
 
-use super::error::{Issue, Position};
-use super::raw::{
-    RawConfig, RawFailover, RawLimits, RawPool, RawRouting, RawTls, RawUser, Text,
-};
+use super::raw::{RawConfig, RawFailover, RawLimits, RawPool, RawRouting, RawTls, RawUser, Text};
 use super::units::{parse_duration, parse_size};
 use super::{
     AdminConfig, Config, ControlConfig, FailoverConfig, LimitsConfig, PoolConfig, PoolMode,
     RoutingConfig, TlsConfig, UserConfig, DEFAULT_LISTEN,
 };
+use crate::shard_map::yaml::{Issue, Position};
 
 /// Smallest accepted `limits.max_message_size`: a startup packet may be up to 10000
 /// bytes, so anything below this would refuse ordinary clients.
 const MIN_MESSAGE_SIZE: u64 = 16 << 10;
+
+const EMPTY_FILE: &str = "the file is empty; at least `users` and `shard_map` are required";
 
 pub(super) fn build(text: &str, source: &Path) -> Result<Config, Issue> {
     let options = Options {
@@ -28,7 +28,7 @@ pub(super) fn build(text: &str, source: &Path) -> Result<Config, Issue> {
         ..Options::default()
     };
     let raw: RawConfig = serde_saphyr::from_str_with_options(text, options)
-        .map_err(|err| Issue::from_yaml(&err, text))?;
+        .map_err(|err| Issue::from_yaml(&err, text, EMPTY_FILE))?;
     let base = source.parent().unwrap_or(Path::new(""));
     let users = users(&raw.users)?;
     let control = control(raw.control.and_then(|c| c.user).as_ref(), &users)?;
@@ -58,13 +58,12 @@ fn listen(raw: Option<&Text>) -> Result<SocketAddr, Issue> {
 
 fn socket_addr(text: &Text, field: &str) -> Result<SocketAddr, Issue> {
     text.value.trim().parse().map_err(|_| {
-        Issue::at(
-            text,
-            format!(
-                "{field}: invalid address \"{}\": expected IP:port such as 127.0.0.1:6432 or [::]:6432",
-                text.value
-            ),
-        )
+        let value = &text.value;
+        let msg = format!(
+            "{field}: invalid address \"{value}\": \
+             expected IP:port such as 127.0.0.1:6432 or [::]:6432"
+        );
+        Issue::at(text, msg)
     })
 }
 
@@ -92,7 +91,11 @@ fn duration(raw: Option<&Text>, field: &str, default: Duration) -> Result<Durati
 }
 
 /// For timeouts and intervals where zero would mean "fail at once" or "spin".
-fn positive_duration(raw: Option<&Text>, field: &str, default: Duration) -> Result<Duration, Issue> {
+fn positive_duration(
+    raw: Option<&Text>,
+    field: &str,
+    default: Duration,
+) -> Result<Duration, Issue> {
     let value = duration(raw, field, default)?;
     match raw {
         Some(text) if value.is_zero() => Err(Issue::at(
@@ -159,17 +162,37 @@ fn pool(raw: RawPool) -> Result<PoolConfig, Issue> {
     Ok(PoolConfig {
         mode,
         size: at_least_one(raw.size, "pool.size", d.size)?,
-        acquire_timeout: positive_duration(raw.acquire_timeout.as_ref(), "pool.acquire_timeout", d.acquire_timeout)?,
-        connect_timeout: positive_duration(raw.connect_timeout.as_ref(), "pool.connect_timeout", d.connect_timeout)?,
-        idle_timeout: positive_duration(raw.idle_timeout.as_ref(), "pool.idle_timeout", d.idle_timeout)?,
-        server_lifetime: positive_duration(raw.server_lifetime.as_ref(), "pool.server_lifetime", d.server_lifetime)?,
+        acquire_timeout: positive_duration(
+            raw.acquire_timeout.as_ref(),
+            "pool.acquire_timeout",
+            d.acquire_timeout,
+        )?,
+        connect_timeout: positive_duration(
+            raw.connect_timeout.as_ref(),
+            "pool.connect_timeout",
+            d.connect_timeout,
+        )?,
+        idle_timeout: positive_duration(
+            raw.idle_timeout.as_ref(),
+            "pool.idle_timeout",
+            d.idle_timeout,
+        )?,
+        server_lifetime: positive_duration(
+            raw.server_lifetime.as_ref(),
+            "pool.server_lifetime",
+            d.server_lifetime,
+        )?,
     })
 }
 
 fn limits(raw: RawLimits) -> Result<LimitsConfig, Issue> {
     let d = LimitsConfig::default();
     let field = "limits.max_message_size";
-    let max_message_size = size(raw.max_message_size.as_ref(), field, d.max_message_size as u64)?;
+    let max_message_size = size(
+        raw.max_message_size.as_ref(),
+        field,
+        d.max_message_size as u64,
+    )?;
     let max_message_size = match &raw.max_message_size {
         Some(text) if max_message_size < MIN_MESSAGE_SIZE => {
             return Err(Issue::at(text, format!("{field}: must be at least 16kB")))
@@ -179,11 +202,23 @@ fn limits(raw: RawLimits) -> Result<LimitsConfig, Issue> {
         None => d.max_message_size,
     };
     Ok(LimitsConfig {
-        max_client_connections: at_least_one(raw.max_client_connections, "limits.max_client_connections", d.max_client_connections)?,
+        max_client_connections: at_least_one(
+            raw.max_client_connections,
+            "limits.max_client_connections",
+            d.max_client_connections,
+        )?,
         max_message_size,
-        login_timeout: positive_duration(raw.login_timeout.as_ref(), "limits.login_timeout", d.login_timeout)?,
+        login_timeout: positive_duration(
+            raw.login_timeout.as_ref(),
+            "limits.login_timeout",
+            d.login_timeout,
+        )?,
         // Zero is meaningful here: close at once without waiting for transactions.
-        shutdown_grace: duration(raw.shutdown_grace.as_ref(), "limits.shutdown_grace", d.shutdown_grace)?,
+        shutdown_grace: duration(
+            raw.shutdown_grace.as_ref(),
+            "limits.shutdown_grace",
+            d.shutdown_grace,
+        )?,
     })
 }
 
@@ -235,10 +270,22 @@ fn routing(raw: RawRouting) -> Result<RoutingConfig, Issue> {
     let d = RoutingConfig::default();
     Ok(RoutingConfig {
         // Zero is meaningful: only replicas that have replayed everything get reads.
-        max_replica_lag: duration(raw.max_replica_lag.as_ref(), "routing.max_replica_lag", d.max_replica_lag)?,
-        max_replica_lag_bytes: size(raw.max_replica_lag_bytes.as_ref(), "routing.max_replica_lag_bytes", d.max_replica_lag_bytes)?,
+        max_replica_lag: duration(
+            raw.max_replica_lag.as_ref(),
+            "routing.max_replica_lag",
+            d.max_replica_lag,
+        )?,
+        max_replica_lag_bytes: size(
+            raw.max_replica_lag_bytes.as_ref(),
+            "routing.max_replica_lag_bytes",
+            d.max_replica_lag_bytes,
+        )?,
         read_your_writes: raw.read_your_writes.unwrap_or(d.read_your_writes),
-        lag_check_interval: positive_duration(raw.lag_check_interval.as_ref(), "routing.lag_check_interval", d.lag_check_interval)?,
+        lag_check_interval: positive_duration(
+            raw.lag_check_interval.as_ref(),
+            "routing.lag_check_interval",
+            d.lag_check_interval,
+        )?,
     })
 }
 

@@ -194,7 +194,8 @@ impl Config {
 
     /// Parses and validates `text` as if it had been read from `source`.
     pub fn from_yaml_str(text: &str, source: &Path) -> Result<Config, ConfigError> {
-        build::build(text, source).map_err(|issue| issue.into_error(source.to_path_buf()))
+        build::build(text, source)
+            .map_err(|issue| ConfigError::invalid(source.to_path_buf(), issue))
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {

@@ -63,7 +63,10 @@ fn assert_fails(text: &str, line: u32, needle: &str) {
         message.starts_with(&format!("shardgate.yaml:{line}")),
         "message should start with file:line: {message}"
     );
-    assert!(message.contains(needle), "{message:?} should contain {needle:?}");
+    assert!(
+        message.contains(needle),
+        "{message:?} should contain {needle:?}"
+    );
 }
 
 #[test]
@@ -80,13 +83,19 @@ fn design_example_parses() {
     assert_eq!(config.pool.size, 20);
     assert_eq!(config.pool.acquire_timeout, Duration::from_secs(5));
     assert_eq!(config.users.len(), 1);
-    assert_eq!(config.user("app").map(|u| u.password.as_str()), Some("app-secret"));
+    assert_eq!(
+        config.user("app").map(|u| u.password.as_str()),
+        Some("app-secret")
+    );
     assert!(config.user("nobody").is_none());
     assert_eq!(config.control.user, "app");
     assert_eq!(config.routing.max_replica_lag, Duration::from_secs(1));
     assert_eq!(config.routing.max_replica_lag_bytes, 16 * 1024 * 1024);
     assert!(config.routing.read_your_writes);
-    assert_eq!(config.routing.lag_check_interval, Duration::from_millis(250));
+    assert_eq!(
+        config.routing.lag_check_interval,
+        Duration::from_millis(250)
+    );
     assert!(config.failover.auto);
     assert_eq!(config.failover.after, Duration::from_secs(3));
     assert_eq!(config.shard_map, PathBuf::from("shard-maps/local.yaml"));
@@ -117,7 +126,10 @@ fn defaults_apply_to_a_minimal_file() {
     assert_eq!(config.routing.max_replica_lag, Duration::from_secs(1));
     assert_eq!(config.routing.max_replica_lag_bytes, 16 << 20);
     assert!(config.routing.read_your_writes);
-    assert_eq!(config.routing.lag_check_interval, Duration::from_millis(250));
+    assert_eq!(
+        config.routing.lag_check_interval,
+        Duration::from_millis(250)
+    );
     assert!(!config.failover.auto);
     assert_eq!(config.failover.after, Duration::from_secs(3));
 }
@@ -156,9 +168,12 @@ fn every_field_can_be_set() {
 #[test]
 fn relative_paths_resolve_against_the_config_directory() {
     let text = format!("{MINIMAL}tls: {{ cert: certs/server.crt, key: /abs/server.key }}\n");
-    let config = Config::from_yaml_str(&text, Path::new("/etc/shardgate/shardgate.yaml"))
-        .expect("config");
-    assert_eq!(config.shard_map, PathBuf::from("/etc/shardgate/shard-maps/local.yaml"));
+    let config =
+        Config::from_yaml_str(&text, Path::new("/etc/shardgate/shardgate.yaml")).expect("config");
+    assert_eq!(
+        config.shard_map,
+        PathBuf::from("/etc/shardgate/shard-maps/local.yaml")
+    );
     let tls = config.tls.expect("tls");
     assert_eq!(tls.cert, PathBuf::from("/etc/shardgate/certs/server.crt"));
     assert_eq!(tls.key, PathBuf::from("/abs/server.key"));
@@ -179,7 +194,10 @@ fn missing_file_names_the_file_and_the_os_error() {
     let err = Config::load(Path::new("/nonexistent/shardgate.yaml")).expect_err("missing");
     assert!(matches!(err, ConfigError::Io { .. }));
     let message = err.to_string();
-    assert!(message.starts_with("/nonexistent/shardgate.yaml: cannot read: "), "{message}");
+    assert!(
+        message.starts_with("/nonexistent/shardgate.yaml: cannot read: "),
+        "{message}"
+    );
     assert!(message.contains("No such file"), "{message}");
 }
 
@@ -198,7 +216,16 @@ fn durations_parse() {
     for (text, want) in cases {
         assert_eq!(parse_duration(text), Ok(want), "{text}");
     }
-    for bad in ["", "5", "s", "-1s", "1.5s", "5 parsecs", "99999999999999999999s", "99999999999999d"] {
+    for bad in [
+        "",
+        "5",
+        "s",
+        "-1s",
+        "1.5s",
+        "5 parsecs",
+        "99999999999999999999s",
+        "99999999999999d",
+    ] {
         assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
     }
 }
@@ -227,42 +254,76 @@ fn sizes_parse() {
 fn unknown_fields_are_errors_with_position() {
     let (line, message) = failure(&format!("{MINIMAL}pool:\n  size: 3\n  pol: 4\n"));
     assert_eq!(line, Some(6));
-    assert!(message.starts_with("shardgate.yaml:6:3: unknown field `pol`"), "{message}");
+    assert!(
+        message.starts_with("shardgate.yaml:6:3: unknown field `pol`"),
+        "{message}"
+    );
     assert!(message.contains("expected one of"), "{message}");
-    assert_fails(&format!("listen: 127.0.0.1:1\npol: {{}}\n{MINIMAL}"), 2, "unknown field `pol`");
-    assert_fails(&format!("{MINIMAL}routing: {{ lag: 1s }}\n"), 4, "unknown field `lag`");
-    assert_fails("users:\n  - { name: a, password: b, role: x }\nshard_map: m\n", 2, "`role`");
+    assert_fails(
+        &format!("listen: 127.0.0.1:1\npol: {{}}\n{MINIMAL}"),
+        2,
+        "unknown field `pol`",
+    );
+    assert_fails(
+        &format!("{MINIMAL}routing: {{ lag: 1s }}\n"),
+        4,
+        "unknown field `lag`",
+    );
+    assert_fails(
+        "users:\n  - { name: a, password: b, role: x }\nshard_map: m\n",
+        2,
+        "`role`",
+    );
+    // Not the first key of its block, and its name also appears earlier inside a value.
+    let (line, message) = failure(&format!(
+        "{MINIMAL}pool:\n  size: 3\n  mode: \"pol: 1\"\n  'pol': 4\n"
+    ));
+    assert_eq!(line, Some(7), "{message}");
+    assert!(
+        message.starts_with("shardgate.yaml:7:3: unknown field `pol`"),
+        "{message}"
+    );
 }
 
 #[test]
 fn value_errors_point_at_the_value() {
     let (line, message) = failure(&format!("{MINIMAL}pool:\n  acquire_timeout: 5 parsecs\n"));
     assert_eq!(line, Some(5));
-    assert!(
-        message.starts_with("shardgate.yaml:5:20: pool.acquire_timeout: invalid duration \"5 parsecs\""),
-        "{message}"
-    );
-    assert_fails(&format!("{MINIMAL}pool: {{ acquire_timeout: 0ms }}\n"), 4, "greater than zero");
-    assert_fails(&format!("{MINIMAL}routing:\n  lag_check_interval: 0s\n"), 5, "greater than zero");
-    assert_fails(&format!("{MINIMAL}failover: {{ after: 0s }}\n"), 4, "failover.after");
-    assert_fails(&format!("{MINIMAL}pool:\n  size: 0\n"), 5, "pool.size: must be at least 1");
-    assert_fails(&format!("{MINIMAL}pool:\n  size: lots\n"), 5, "");
-    assert_fails(&format!("{MINIMAL}pool:\n  mode: statement\n"), 5, "unknown mode \"statement\"");
-    assert_fails(&format!("{MINIMAL}limits:\n  max_message_size: 1kB\n"), 5, "at least 16kB");
-    assert_fails(&format!("{MINIMAL}limits:\n  max_message_size: 1 parsec\n"), 5, "invalid size");
-    assert_fails(&format!("{MINIMAL}routing:\n  max_replica_lag_bytes: 16 mb\n"), 5, "invalid size");
-    assert_fails(&format!("{MINIMAL}routing:\n  read_your_writes: maybe\n"), 5, "");
-    assert_fails(&format!("{MINIMAL}listen: localhost:6432\n"), 4, "listen: invalid address");
-    assert_fails(&format!("{MINIMAL}metrics: 9930\n"), 4, "metrics: invalid address");
-    assert_fails(&format!("{MINIMAL}admin: {{ user: '' }}\n"), 4, "admin.user: must not be empty");
-    assert_fails(&format!("{MINIMAL}tls: {{ cert: a.crt }}\n"), 4, "missing field `key`");
+    let want = "shardgate.yaml:5:20: pool.acquire_timeout: invalid duration \"5 parsecs\"";
+    assert!(message.starts_with(want), "{message}");
+    // (appended to MINIMAL, line of the bad value, part of the message)
+    let cases = [
+        ("pool: { acquire_timeout: 0ms }", 4, "greater than zero"),
+        ("routing:\n  lag_check_interval: 0s", 5, "greater than zero"),
+        ("failover: { after: 0s }", 4, "failover.after"),
+        ("pool:\n  size: 0", 5, "pool.size: must be at least 1"),
+        ("pool:\n  size: lots", 5, ""),
+        ("pool:\n  mode: statement", 5, "unknown mode \"statement\""),
+        ("limits:\n  max_message_size: 1kB", 5, "at least 16kB"),
+        ("limits:\n  max_message_size: 1 parsec", 5, "invalid size"),
+        (
+            "routing:\n  max_replica_lag_bytes: 16 mb",
+            5,
+            "invalid size",
+        ),
+        ("routing:\n  read_your_writes: maybe", 5, ""),
+        ("listen: localhost:6432", 4, "listen: invalid address"),
+        ("metrics: 9930", 4, "metrics: invalid address"),
+        ("admin: { user: '' }", 4, "admin.user: must not be empty"),
+        ("tls: { cert: a.crt }", 4, "missing field `key`"),
+        ("pool: 5", 4, "expected a mapping start here"),
+    ];
+    for (extra, line, needle) in cases {
+        assert_fails(&format!("{MINIMAL}{extra}\n"), line, needle);
+    }
 }
 
 #[test]
 fn user_rules_are_enforced() {
     assert_fails("shard_map: m.yaml\nusers: []\n", 2, "at least one user");
     assert_fails(
-        "shard_map: m.yaml\nusers:\n  - { name: app, password: a }\n  - { name: ops, password: b }\n  - { name: app, password: c }\n",
+        "shard_map: m.yaml\nusers:\n  - { name: app, password: a }\n  \
+         - { name: ops, password: b }\n  - { name: app, password: c }\n",
         5,
         "user \"app\" is listed twice (first at line 3)",
     );
@@ -280,16 +341,32 @@ fn user_rules_are_enforced() {
 
 #[test]
 fn missing_required_fields_are_reported() {
-    assert_fails("listen: 127.0.0.1:1\nshard_map: m.yaml\n", 1, "missing field `users`");
-    assert_fails("users:\n  - { name: app, password: a }\n", 1, "missing field `shard_map`");
-    assert_fails("users: [{ name: app }]\nshard_map: m\n", 1, "missing field `password`");
+    assert_fails(
+        "listen: 127.0.0.1:1\nshard_map: m.yaml\n",
+        1,
+        "missing field `users`",
+    );
+    assert_fails(
+        "users:\n  - { name: app, password: a }\n",
+        1,
+        "missing field `shard_map`",
+    );
+    assert_fails(
+        "users: [{ name: app }]\nshard_map: m\n",
+        1,
+        "missing field `password`",
+    );
     assert_fails(&format!("{MINIMAL}shard_map: other.yaml\n"), 4, "duplicate");
 }
 
 #[test]
 fn malformed_yaml_is_reported_with_position() {
     assert_fails("users: [\nshard_map: x\n", 2, "");
-    assert_fails("users:\n  - { name: app, password: a\nshard_map: m\n", 3, "");
+    assert_fails(
+        "users:\n  - { name: app, password: a\nshard_map: m\n",
+        2,
+        "unclosed bracket",
+    );
     assert_fails("- just\n- a list\n", 1, "");
     let (line, message) = failure("# nothing here\n\n");
     assert_eq!(line, Some(3), "{message}");
@@ -298,12 +375,19 @@ fn malformed_yaml_is_reported_with_position() {
 
 /// Edits of a valid file are much likelier than random text to reach deep parser states.
 fn mutated_example() -> impl Strategy<Value = String> {
-    let edit = (any::<prop::sample::Index>(), 0..3u8, "[ -~\n\t:{}\\[\\],#&*!|>'\"%@`-]{0,3}");
+    let edit = (
+        any::<prop::sample::Index>(),
+        0..3u8,
+        "[ -~\n\t:{}\\[\\],#&*!|>'\"%@`-]{0,3}",
+    );
     prop::collection::vec(edit, 1..6).prop_map(|edits| {
         let mut text = DESIGN_EXAMPLE.to_string();
         for (at, kind, insert) in edits {
             let pos = at.index(text.len() + 1);
-            let pos = (0..=pos).rev().find(|p| text.is_char_boundary(*p)).unwrap_or(0);
+            let pos = (0..=pos)
+                .rev()
+                .find(|p| text.is_char_boundary(*p))
+                .unwrap_or(0);
             match kind {
                 0 => text.insert_str(pos, &insert),
                 1 => text.truncate(pos),
@@ -323,6 +407,12 @@ proptest! {
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
         let _ = parse(&text);
+    }
+
+    #[test]
+    fn unit_parsers_never_panic(text in "\\PC{0,30}") {
+        let _ = parse_duration(&text);
+        let _ = parse_size(&text);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! connections, and lets two clients that both call their statement "P_0" coexist.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::session_sql::{self, SessionEffects};
@@ -22,6 +23,20 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// Analysis done once per statement text, not per execution.
     pub effects: SessionEffects,
+    /// Some server accepted this Parse: later Parses of it can be answered by the
+    /// proxy without borrowing a server connection (the statement is created on a
+    /// connection when a Bind or Describe needs it).
+    validated: AtomicBool,
+}
+
+impl PreparedStatement {
+    pub fn is_validated(&self) -> bool {
+        self.validated.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_validated(&self) {
+        self.validated.store(true, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -56,6 +71,7 @@ impl StatementRegistry {
             query: key.0.clone(),
             param_types: key.1.clone(),
             effects: session_sql::analyze(query),
+            validated: AtomicBool::new(false),
         });
         reg.by_text.insert(key, stmt.clone());
         stmt

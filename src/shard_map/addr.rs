@@ -119,10 +119,7 @@ fn parse_url(rest: &str) -> Result<NodeAddr, String> {
         None => (None, authority),
     };
     let (user, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
-        Some((user, password)) => (
-            non_empty(decode(user)?),
-            non_empty(decode(password)?),
-        ),
+        Some((user, password)) => (non_empty(decode(user)?), non_empty(decode(password)?)),
         None => (None, None),
     };
     let (host, port) = parse_endpoint(hostport)?;
@@ -163,7 +160,14 @@ fn parse_endpoint(text: &str) -> Result<(String, u16), String> {
             .ok_or("missing `]` after IPv6 address")?;
         match after {
             "" => (host, None),
-            _ => (host, Some(after.strip_prefix(':').ok_or("expected `:port` after `]`")?)),
+            _ => (
+                host,
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("expected `:port` after `]`")?,
+                ),
+            ),
         }
     } else {
         match text.split_once(':') {

@@ -8,9 +8,12 @@ use std::path::Path;
 
 use serde_saphyr::{Options, Spanned};
 
-use super::error::{line_of, Issue};
 use super::raw::{Entries, RawKeyspace, RawShard, RawShardMap, RawTable, Text};
+use super::yaml::{line_of, Issue};
 use super::{keyspace, Keyspace, NodeAddr, ShardMap, ShardSpec, TableRule};
+
+const EMPTY_FILE: &str = "the file is empty; a shard map needs at least `version`, \
+                          `database`, `shards` and `default_shard`";
 
 pub(super) fn build(text: &str, source: &Path) -> Result<ShardMap, Issue> {
     let options = Options {
@@ -18,7 +21,7 @@ pub(super) fn build(text: &str, source: &Path) -> Result<ShardMap, Issue> {
         ..Options::default()
     };
     let raw: RawShardMap = serde_saphyr::from_str_with_options(text, options)
-        .map_err(|err| Issue::from_yaml(&err, text))?;
+        .map_err(|err| Issue::from_yaml(&err, text, EMPTY_FILE))?;
     let database = non_empty(&raw.database, "database")?;
     let shards = shards(&raw.shards)?;
     let lookup = |name: &Text, ctx: &str| shard_ref(&shards, name, ctx);
@@ -98,7 +101,11 @@ fn node<'a>(
     Ok(node)
 }
 
-fn shard_ref(shards: &BTreeMap<String, ShardSpec>, name: &Text, ctx: &str) -> Result<String, Issue> {
+fn shard_ref(
+    shards: &BTreeMap<String, ShardSpec>,
+    name: &Text,
+    ctx: &str,
+) -> Result<String, Issue> {
     if shards.contains_key(&name.value) {
         return Ok(name.value.clone());
     }
@@ -145,7 +152,10 @@ fn table(
 ) -> Result<TableRule, Issue> {
     if raw.reference.as_ref().is_some_and(|r| r.value) {
         if let Some(extra) = raw.column.as_ref().or(raw.keyspace.as_ref()) {
-            let msg = format!("{ctx}: a reference table is copied to every shard and has no `column` or `keyspace`");
+            let msg = format!(
+                "{ctx}: a reference table is copied to every shard \
+                 and has no `column` or `keyspace`"
+            );
             return Err(Issue::at(extra, msg));
         }
         return Ok(TableRule::Reference);
@@ -157,8 +167,15 @@ fn table(
     let column = non_empty(column, &format!("{ctx}.column"))?;
     if !keyspaces.contains_key(&keyspace.value) {
         let known: Vec<&str> = keyspaces.keys().map(String::as_str).collect();
-        let known = if known.is_empty() { "none are defined".to_string() } else { format!("keyspaces are {}", known.join(", ")) };
-        let msg = format!("{ctx}.keyspace: unknown keyspace \"{}\" ({known})", keyspace.value);
+        let known = if known.is_empty() {
+            "none are defined".to_string()
+        } else {
+            format!("keyspaces are {}", known.join(", "))
+        };
+        let msg = format!(
+            "{ctx}.keyspace: unknown keyspace \"{}\" ({known})",
+            keyspace.value
+        );
         return Err(Issue::at(keyspace, msg));
     }
     Ok(TableRule::Sharded {

@@ -8,9 +8,9 @@
 
 use serde_saphyr::Spanned;
 
-use super::error::{line_of, Issue};
 use super::raw::{RawEntry, RawKeyspace, Text};
 use super::time::{format_timestamp, parse_timestamp};
+use super::yaml::{line_of, Issue};
 use super::Keyspace;
 
 /// Resolves a `shard:` reference to a known shard name, or says why it cannot.
@@ -29,12 +29,20 @@ pub(crate) fn build(name: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result
     match raw.kind.value.as_str() {
         "hash" => hash(&ctx, raw, shard),
         "range" => {
-            let axis = Axis { noun: "keys", parse: parse_integer, show: |v| v.to_string() };
+            let axis = Axis {
+                noun: "keys",
+                parse: parse_integer,
+                show: |v| v.to_string(),
+            };
             let map = line(&ctx, raw, shard, &axis)?;
             Ok(Keyspace::Range { map })
         }
         "time" => {
-            let axis = Axis { noun: "times", parse: parse_timestamp, show: format_timestamp };
+            let axis = Axis {
+                noun: "times",
+                parse: parse_timestamp,
+                show: format_timestamp,
+            };
             let map = line(&ctx, raw, shard, &axis)?;
             Ok(Keyspace::Time { map })
         }
@@ -66,7 +74,10 @@ fn hash(ctx: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result<Keyspace, Is
         let (lo, hi) = parse_bucket_range(&text.value)
             .map_err(|why| Issue::at(text, format!("{ctx}.map: {why}")))?;
         if hi >= buckets {
-            let msg = format!("{ctx}.map: bucket {hi} is out of range: buckets are 0-{}", buckets - 1);
+            let msg = format!(
+                "{ctx}.map: bucket {hi} is out of range: buckets are 0-{}",
+                buckets - 1
+            );
             return Err(Issue::at(text, msg));
         }
         let owner = shard(&entry.value.shard, &format!("{ctx}.map"))?;
@@ -74,12 +85,19 @@ fn hash(ctx: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result<Keyspace, Is
     }
     parts.sort_by_key(|p| p.0);
     check_buckets_cover(ctx, &parts, buckets)?;
-    let map = parts.into_iter().map(|(lo, hi, owner, _)| (lo..=hi, owner)).collect();
+    let map = parts
+        .into_iter()
+        .map(|(lo, hi, owner, _)| (lo..=hi, owner))
+        .collect();
     Ok(Keyspace::Hash { buckets, map })
 }
 
 /// `parts` is sorted by first bucket.
-fn check_buckets_cover(ctx: &str, parts: &[(u32, u32, String, &Entry)], buckets: u32) -> Result<(), Issue> {
+fn check_buckets_cover(
+    ctx: &str,
+    parts: &[(u32, u32, String, &Entry)],
+    buckets: u32,
+) -> Result<(), Issue> {
     // u64 so that `hi + 1` cannot overflow for the last bucket of a 2^31 keyspace.
     let mut next: u64 = 0;
     let mut previous: Option<&(u32, u32, String, &Entry)> = None;
@@ -104,7 +122,10 @@ fn check_buckets_cover(ctx: &str, parts: &[(u32, u32, String, &Entry)], buckets:
     }
     match previous {
         Some(last) if next < u64::from(buckets) => {
-            let msg = format!("{ctx}.map: buckets {next}-{} belong to no shard", buckets - 1);
+            let msg = format!(
+                "{ctx}.map: buckets {next}-{} belong to no shard",
+                buckets - 1
+            );
             Err(Issue::at(last.3, msg))
         }
         _ => Ok(()),
@@ -140,10 +161,18 @@ struct Axis {
 
 type Interval = (Option<i64>, Option<i64>, String);
 
-fn line(ctx: &str, raw: &RawKeyspace, shard: ShardLookup, axis: &Axis) -> Result<Vec<Interval>, Issue> {
+fn line(
+    ctx: &str,
+    raw: &RawKeyspace,
+    shard: ShardLookup,
+    axis: &Axis,
+) -> Result<Vec<Interval>, Issue> {
     let kind = raw.kind.value.as_str();
     if let Some(buckets) = &raw.buckets {
-        return Err(Issue::at(buckets, format!("{ctx}.buckets: only hash keyspaces have buckets")));
+        return Err(Issue::at(
+            buckets,
+            format!("{ctx}.buckets: only hash keyspaces have buckets"),
+        ));
     }
     let mut parts = Vec::with_capacity(raw.map.value.len());
     for entry in &raw.map.value {
@@ -152,7 +181,11 @@ fn line(ctx: &str, raw: &RawKeyspace, shard: ShardLookup, axis: &Axis) -> Result
         let until = bound(&entry.value.until, ctx, axis)?;
         if let (Some(f), Some(u), Some(text)) = (from, until, &entry.value.from) {
             if f >= u {
-                let msg = format!("{ctx}.map: `from` {} must be below `until` {}", (axis.show)(f), (axis.show)(u));
+                let msg = format!(
+                    "{ctx}.map: `from` {} must be below `until` {}",
+                    (axis.show)(f),
+                    (axis.show)(u)
+                );
                 return Err(Issue::at(text, msg));
             }
         }
@@ -167,7 +200,14 @@ fn line(ctx: &str, raw: &RawKeyspace, shard: ShardLookup, axis: &Axis) -> Result
 
 fn bound(text: &Option<Text>, ctx: &str, axis: &Axis) -> Result<Option<i64>, Issue> {
     text.as_ref()
-        .map(|t| (axis.parse)(&t.value).map_err(|why| Issue::at(t, format!("{ctx}.map: invalid bound \"{}\": {why}", t.value))))
+        .map(|t| {
+            (axis.parse)(&t.value).map_err(|why| {
+                Issue::at(
+                    t,
+                    format!("{ctx}.map: invalid bound \"{}\": {why}", t.value),
+                )
+            })
+        })
         .transpose()
 }
 
@@ -200,7 +240,10 @@ fn check_line_covered(ctx: &str, parts: &[(Interval, &Entry)], axis: &Axis) -> R
     }
     match previous {
         Some(last) if next != POS_INF => {
-            let msg = format!("{ctx}.map: {} belong to no shard", describe(axis, next, POS_INF));
+            let msg = format!(
+                "{ctx}.map: {} belong to no shard",
+                describe(axis, next, POS_INF)
+            );
             Err(Issue::at(last.1, msg))
         }
         _ => Ok(()),
@@ -219,9 +262,9 @@ fn describe(axis: &Axis, lo: i128, hi: i128) -> String {
 }
 
 fn parse_integer(text: &str) -> Result<i64, String> {
-    text.trim()
-        .parse::<i64>()
-        .map_err(|_| "expected an integer between -9223372036854775808 and 9223372036854775807".into())
+    text.trim().parse::<i64>().map_err(|_| {
+        "expected an integer between -9223372036854775808 and 9223372036854775807".into()
+    })
 }
 
 /// A field that belongs to another keyspace type is a mistake, not something to ignore.

@@ -14,6 +14,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 pub mod time;
+pub(crate) mod yaml;
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -87,7 +88,8 @@ impl ShardMap {
 
     /// Parses and validates `text` as if it had been read from `source`.
     pub fn from_yaml_str(text: &str, source: &Path) -> Result<ShardMap, ShardMapError> {
-        build::build(text, source).map_err(|issue| issue.into_error(source.to_path_buf()))
+        build::build(text, source)
+            .map_err(|issue| ShardMapError::invalid(source.to_path_buf(), issue))
     }
 
     /// The shard holding tables the map does not list.

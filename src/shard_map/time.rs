@@ -58,7 +58,9 @@ fn parse_date(b: &[u8]) -> Result<i64, String> {
         return Err(format!("month {month} is out of range"));
     }
     if day < 1 || day > days_in_month(year, month) {
-        return Err(format!("day {day} is out of range for {year:04}-{month:02}"));
+        return Err(format!(
+            "day {day} is out of range for {year:04}-{month:02}"
+        ));
     }
     Ok(days_from_civil(year, month, day))
 }
@@ -69,7 +71,11 @@ fn parse_time(b: &[u8]) -> Result<(i64, &[u8]), String> {
     if hms[2] != b':' || hms[5] != b':' {
         return Err("expected time as HH:MM:SS".into());
     }
-    let (h, m, s) = (digits(&hms[0..2])?, digits(&hms[3..5])?, digits(&hms[6..8])?);
+    let (h, m, s) = (
+        digits(&hms[0..2])?,
+        digits(&hms[3..5])?,
+        digits(&hms[6..8])?,
+    );
     if h > 23 || m > 59 || s > 59 {
         return Err(format!("time {h:02}:{m:02}:{s:02} is out of range"));
     }

@@ -39,10 +39,10 @@ where
                 tag::BIND => self.on_bind(&frame).await?,
                 tag::DESCRIBE => self.on_describe(&frame).await?,
                 tag::CLOSE => self.on_close(&frame).await?,
+                tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
                 tag::SYNC => self.on_sync(&frame),
                 tag::EXECUTE => self.forward_needing_server(&frame, Expect::Execute).await?,
                 tag::FUNCTION_CALL => self.forward_needing_server(&frame, Expect::FunctionCall).await?,
-                tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
                 tag::COPY_DONE | tag::COPY_FAIL => {
                     self.copy_in = false;
                     if self.server.is_some() {
@@ -98,6 +98,14 @@ where
     async fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let parse = messages::decode_parse(frame)?;
         let stmt = self.fe.statements.register(parse.query, &parse.param_types);
+        if !parse.name.is_empty() && self.server.is_none() && stmt.is_validated() {
+            // Between transactions, a statement some server already accepted needs no
+            // server now. This also keeps clients that prepare synchronously (pgbench
+            // -M prepared) from waiting for a connection their own other sessions hold.
+            self.statements.insert(parse.name.to_owned(), stmt);
+            self.push_synthetic(PARSE_COMPLETE);
+            return Ok(());
+        }
         self.ensure_server().await?;
         let Some(conn) = self.server.as_mut() else {
             return Ok(());

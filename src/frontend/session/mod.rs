@@ -259,6 +259,9 @@ where
         };
         if idle {
             self.release_server().await;
+        } else if let Some(conn) = &self.server {
+            tracing::trace!(ops = ?self.ops, skipping = self.skipping, sout = self.sout.len(),
+                rbuf = conn.rbuf.len(), status = conn.txn_status, "server kept");
         }
     }
 

@@ -83,7 +83,14 @@ where
                 }
                 true
             }
-            btag::PARSE_COMPLETE | btag::BIND_COMPLETE | btag::CLOSE_COMPLETE => {
+            btag::PARSE_COMPLETE => {
+                if let Some(Expect::Parse { named, unnamed }) = expect {
+                    self.mark_validated(named.or(unnamed));
+                }
+                self.ops.pop_front();
+                !hidden
+            }
+            btag::BIND_COMPLETE | btag::CLOSE_COMPLETE => {
                 self.ops.pop_front();
                 !hidden
             }
@@ -124,6 +131,22 @@ where
             }
         }
         self.skipping = true;
+    }
+
+    /// Rare (once per statement and server connection), so a scan of this client's
+    /// statements is cheaper than keeping another index.
+    fn mark_validated(&self, id: Option<u64>) {
+        let Some(id) = id else {
+            return;
+        };
+        let found = self
+            .statements
+            .values()
+            .chain(self.unnamed.iter())
+            .find(|s| s.id == id);
+        if let Some(stmt) = found {
+            stmt.mark_validated();
+        }
     }
 
     fn emit_synthetic(&mut self) {
