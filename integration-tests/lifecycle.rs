@@ -16,25 +16,40 @@ async fn shutdown_lets_open_transactions_finish_and_closes_idle_sessions() {
     let proxy = start_proxy(cluster, ProxyOptions::default()).await;
     let table = unique_name("drain");
     let busy = proxy.client().await;
-    busy.batch_execute(&format!("CREATE TABLE {table} (a int)")).await.unwrap();
+    busy.batch_execute(&format!("CREATE TABLE {table} (a int)"))
+        .await
+        .unwrap();
     let idle = proxy.client().await;
-    busy.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)")).await.unwrap();
+    busy.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
     let addr = proxy.addr;
     proxy.handle.shutdown();
     // The idle session is told why it is closed.
-    wait_for("the idle session to be closed", Duration::from_secs(10), || async { idle.is_closed() }).await;
+    wait_for(
+        "the idle session to be closed",
+        Duration::from_secs(10),
+        || async { idle.is_closed() },
+    )
+    .await;
     // New connections are no longer accepted.
     wait_for("the listener to close", Duration::from_secs(10), || async {
         tokio::net::TcpStream::connect(addr).await.is_err()
     })
     .await;
     // The open transaction still completes.
-    busy.batch_execute(&format!("INSERT INTO {table} VALUES (2); COMMIT")).await.unwrap();
+    busy.batch_execute(&format!("INSERT INTO {table} VALUES (2); COMMIT"))
+        .await
+        .unwrap();
     tokio::time::timeout(Duration::from_secs(10), proxy.handle.wait())
         .await
         .expect("proxy stops after the last transaction");
     let direct = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
-    let n: i64 = direct.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0);
+    let n: i64 = direct
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 2);
 }
 
@@ -74,7 +89,11 @@ async fn a_slow_reader_holds_the_server_back_instead_of_filling_memory() {
     })
     .await;
     let grown = rss_bytes().saturating_sub(before);
-    assert!(grown < 64 << 20, "proxy buffered {} MB for a client that reads nothing", grown >> 20);
+    assert!(
+        grown < 64 << 20,
+        "proxy buffered {} MB for a client that reads nothing",
+        grown >> 20
+    );
     // Reading everything now still delivers the whole result.
     let mut total = 0u64;
     let mut buf = vec![0u8; 1 << 16];
@@ -99,7 +118,10 @@ async fn login(s: &mut tokio::net::TcpStream, proxy: &common::proxy::TestProxy) 
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     use shardgate::protocol::messages;
     let mut out = BytesMut::new();
-    messages::startup(&mut out, &[("user", &proxy.user), ("database", &proxy.database)]);
+    messages::startup(
+        &mut out,
+        &[("user", &proxy.user), ("database", &proxy.database)],
+    );
     s.write_all(&out).await.unwrap();
     let mut inbuf = BytesMut::new();
     let mut scram = ScramSha256::new(proxy.password.as_bytes(), ChannelBinding::unsupported());
@@ -108,12 +130,17 @@ async fn login(s: &mut tokio::net::TcpStream, proxy: &common::proxy::TestProxy) 
             if let Some(f) = shardgate::protocol::decode_frame(&mut inbuf, 1 << 20).unwrap() {
                 break f;
             }
-            assert!(s.read_buf(&mut inbuf).await.unwrap() > 0, "closed during login");
+            assert!(
+                s.read_buf(&mut inbuf).await.unwrap() > 0,
+                "closed during login"
+            );
         };
         let body = frame.body();
         out.clear();
         match (frame.tag, body.get(..4)) {
-            (b'R', Some([0, 0, 0, 10])) => messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", scram.message()),
+            (b'R', Some([0, 0, 0, 10])) => {
+                messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", scram.message())
+            }
             (b'R', Some([0, 0, 0, 11])) => {
                 scram.update(&body[4..]).unwrap();
                 messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(scram.message()));

@@ -13,12 +13,23 @@ use common::{shared_cluster, superuser_client, unique_name, wait_for};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 2, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
     let mut clients = Vec::new();
     for i in 0..8u64 {
         let c = proxy.client().await;
-        c.batch_execute(&format!("SET statement_timeout = '{}ms'", 1001 + i)).await.unwrap();
-        c.execute(&format!("SET application_name = 'client{i}'"), &[]).await.unwrap();
+        c.batch_execute(&format!("SET statement_timeout = '{}ms'", 1001 + i))
+            .await
+            .unwrap();
+        c.execute(&format!("SET application_name = 'client{i}'"), &[])
+            .await
+            .unwrap();
         clients.push(c);
     }
     let mut tasks = Vec::new();
@@ -46,17 +57,35 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
         clients.push(t.await.unwrap());
     }
     // The settings really govern execution: 1001ms cuts a 1.5 s sleep.
-    let err = clients[0].simple_query("SELECT pg_sleep(1.5)").await.unwrap_err();
+    let err = clients[0]
+        .simple_query("SELECT pg_sleep(1.5)")
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"));
     // RESET brings back the default for this client only.
-    clients[1].batch_execute("RESET statement_timeout").await.unwrap();
-    let r = clients[1].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
+    clients[1]
+        .batch_execute("RESET statement_timeout")
+        .await
+        .unwrap();
+    let r = clients[1]
+        .query_one("SELECT current_setting('statement_timeout')", &[])
+        .await
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "0");
-    let r = clients[2].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
+    let r = clients[2]
+        .query_one("SELECT current_setting('statement_timeout')", &[])
+        .await
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "1003ms");
     // A SET rolled back with its transaction is forgotten.
-    clients[3].batch_execute("BEGIN; SET statement_timeout = 5; ROLLBACK").await.unwrap();
-    let r = clients[3].query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
+    clients[3]
+        .batch_execute("BEGIN; SET statement_timeout = 5; ROLLBACK")
+        .await
+        .unwrap();
+    let r = clients[3]
+        .query_one("SELECT current_setting('statement_timeout')", &[])
+        .await
+        .unwrap();
     assert_eq!(r.get::<_, String>(0), "1004ms");
     // Never more than two server connections for this pool.
     let direct = superuser_client(cluster, cluster.primary.1, "postgres").await;
@@ -74,15 +103,27 @@ async fn eight_clients_with_their_own_settings_on_a_pool_of_two() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_vanishing_mid_transaction_commits_nothing_and_leaves_clean_connections() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 1, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let table = unique_name("vanish");
     let setup = proxy.client().await;
-    setup.batch_execute(&format!("CREATE TABLE {table} (v text)")).await.unwrap();
+    setup
+        .batch_execute(&format!("CREATE TABLE {table} (v text)"))
+        .await
+        .unwrap();
     drop(setup);
     {
         let doomed = proxy.client().await;
         doomed
-            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES ('lost'); SET LOCAL work_mem = '77MB'"))
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO {table} VALUES ('lost'); SET LOCAL work_mem = '77MB'"
+            ))
             .await
             .unwrap();
         // Dropping the client closes its socket without COMMIT or Terminate.
@@ -103,10 +144,15 @@ async fn a_client_vanishing_mid_transaction_commits_nothing_and_leaves_clean_con
     // With a pool of one, the next client gets that same server connection: if it were
     // still inside the old transaction, this insert would not be visible directly.
     let next = proxy.client().await;
-    next.batch_execute(&format!("INSERT INTO {table} VALUES ('kept')")).await.unwrap();
+    next.batch_execute(&format!("INSERT INTO {table} VALUES ('kept')"))
+        .await
+        .unwrap();
     let work_mem: String = next.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
     assert_ne!(work_mem, "77MB");
-    let rows = direct.query(&format!("SELECT v FROM {table}"), &[]).await.unwrap();
+    let rows = direct
+        .query(&format!("SELECT v FROM {table}"), &[])
+        .await
+        .unwrap();
     let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(values, vec!["kept".to_string()]);
 }
@@ -114,13 +160,24 @@ async fn a_client_vanishing_mid_transaction_commits_nothing_and_leaves_clean_con
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_only_the_right_query() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 4, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 4,
+            ..Default::default()
+        },
+    )
+    .await;
     let victim = proxy.client().await;
     let bystander = proxy.client().await;
     let token = victim.cancel_token();
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { victim.simple_query("SELECT pg_sleep(20)").await });
-    let other = tokio::spawn(async move { bystander.query_one("SELECT pg_sleep(1.5), 'done'", &[]).await });
+    let other = tokio::spawn(async move {
+        bystander
+            .query_one("SELECT pg_sleep(1.5), 'done'", &[])
+            .await
+    });
     let direct = superuser_client(cluster, cluster.primary.1, "postgres").await;
     wait_for("pg_sleep(20) to run", Duration::from_secs(10), || async {
         let n: i64 = direct
@@ -135,14 +192,21 @@ async fn cancel_reaches_only_the_right_query() {
     let err = sleeper.await.unwrap().unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(15));
-    let row = other.await.unwrap().expect("the other session's query is not cancelled");
+    let row = other
+        .await
+        .unwrap()
+        .expect("the other session's query is not cancelled");
     assert_eq!(row.get::<_, String>(1), "done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_wait_times_out_with_a_clear_error() {
     let cluster = shared_cluster();
-    let opts = ProxyOptions { pool_size: 1, acquire_timeout: "300ms", ..Default::default() };
+    let opts = ProxyOptions {
+        pool_size: 1,
+        acquire_timeout: "300ms",
+        ..Default::default()
+    };
     let proxy = start_proxy(cluster, opts).await;
     let holder = proxy.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
@@ -157,29 +221,60 @@ async fn pool_wait_times_out_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_pooling_keeps_one_server_connection_per_client() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_mode: "session", pool_size: 2, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_mode: "session",
+            pool_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
     let client = proxy.client().await;
-    let first: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let first: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     for _ in 0..20 {
-        let pid: i32 = client.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(pid, first);
     }
     // Temp tables are fine in session mode and gone for the next client.
-    client.batch_execute("CREATE TEMP TABLE scratch (a int)").await.unwrap();
+    client
+        .batch_execute("CREATE TEMP TABLE scratch (a int)")
+        .await
+        .unwrap();
     drop(client);
     let next = proxy.client().await;
-    let err = next.simple_query("SELECT * FROM scratch").await.unwrap_err();
+    let err = next
+        .simple_query("SELECT * FROM scratch")
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42P01"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn temp_state_under_transaction_pooling_never_reaches_another_client() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 1, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
     let a = proxy.client().await;
-    a.batch_execute("CREATE TEMP TABLE mine (a int); SELECT set_config('search_path', 'nowhere', false)")
-        .await
-        .unwrap();
+    a.batch_execute(
+        "CREATE TEMP TABLE mine (a int); SELECT set_config('search_path', 'nowhere', false)",
+    )
+    .await
+    .unwrap();
     let b = proxy.client().await;
     let err = b.simple_query("SELECT * FROM mine").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42P01"));

@@ -25,7 +25,11 @@ impl<'a> FromSql<'a> for Raw {
 }
 
 impl ToSql for Raw {
-    fn to_sql(&self, _: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         out.extend_from_slice(&self.0);
         Ok(IsNull::No)
     }
@@ -40,26 +44,44 @@ async fn simple_and_extended_queries() {
     let cluster = shared_cluster();
     let proxy = start_proxy(cluster, ProxyOptions::default()).await;
     let client = proxy.client().await;
-    let rows = client.simple_query("SELECT 1 AS a; SELECT 'x' AS b, NULL AS c").await.unwrap();
+    let rows = client
+        .simple_query("SELECT 1 AS a; SELECT 'x' AS b, NULL AS c")
+        .await
+        .unwrap();
     let values: Vec<Option<String>> = rows
         .iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(String::from))),
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(String::from)))
+            }
             _ => None,
         })
         .flatten()
         .collect();
     assert_eq!(values, vec![Some("1".into()), Some("x".into()), None]);
-    let row = client.query_one("SELECT $1::int4 + 1, $2::text || '!'", &[&41i32, &"hi"]).await.unwrap();
+    let row = client
+        .query_one("SELECT $1::int4 + 1, $2::text || '!'", &[&41i32, &"hi"])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 42);
     assert_eq!(row.get::<_, String>(1), "hi!");
     // An error in the extended protocol leaves the session usable.
     let err = client.query("SELECT 1/0", &[]).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22012"));
-    assert_eq!(client.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    assert_eq!(
+        client
+            .query_one("SELECT 7", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        7
+    );
     // Empty query and a notice pass through.
     client.batch_execute("").await.unwrap();
-    client.batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
+    client
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,19 +107,39 @@ async fn binary_values_of_many_types_round_trip_byte_for_byte() {
         )
         .await
         .unwrap();
-    let (num, j, u, ts): (Raw, Raw, Raw, Raw) = (samples.get(0), samples.get(1), samples.get(2), samples.get(3));
+    let (num, j, u, ts): (Raw, Raw, Raw, Raw) = (
+        samples.get(0),
+        samples.get(1),
+        samples.get(2),
+        samples.get(3),
+    );
     let bytes: Vec<u8> = (0..=255u8).collect();
     client
         .execute(
             &format!("INSERT INTO {table} VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"),
             &[
-                &-7i16, &i32::MIN, &i64::MAX, &num, &"héllo\u{1F600}", &bytes, &j, &u, &ts,
-                &vec![1i32, -2, 3], &vec!["a".to_string(), "b c".into()], &None::<i32>, &1.5e300f64, &true,
+                &-7i16,
+                &i32::MIN,
+                &i64::MAX,
+                &num,
+                &"héllo\u{1F600}",
+                &bytes,
+                &j,
+                &u,
+                &ts,
+                &vec![1i32, -2, 3],
+                &vec!["a".to_string(), "b c".into()],
+                &None::<i32>,
+                &1.5e300f64,
+                &true,
             ],
         )
         .await
         .unwrap();
-    let row = client.query_one(&format!("SELECT * FROM {table}"), &[]).await.unwrap();
+    let row = client
+        .query_one(&format!("SELECT * FROM {table}"), &[])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i16>(0), -7);
     assert_eq!(row.get::<_, i32>(1), i32::MIN);
     assert_eq!(row.get::<_, i64>(2), i64::MAX);
@@ -108,12 +150,18 @@ async fn binary_values_of_many_types_round_trip_byte_for_byte() {
     assert_eq!(row.get::<_, Raw>(7), u);
     assert_eq!(row.get::<_, Raw>(8), ts);
     assert_eq!(row.get::<_, Vec<i32>>(9), vec![1, -2, 3]);
-    assert_eq!(row.get::<_, Vec<String>>(10), vec!["a".to_string(), "b c".into()]);
+    assert_eq!(
+        row.get::<_, Vec<String>>(10),
+        vec!["a".to_string(), "b c".into()]
+    );
     assert_eq!(row.get::<_, Option<i32>>(11), None);
     assert_eq!(row.get::<_, f64>(12), 1.5e300);
     assert!(row.get::<_, bool>(13));
     // The same row read directly from the server is identical, column by column.
-    let through_server = direct.query_one(&format!("SELECT * FROM {table}"), &[]).await.unwrap();
+    let through_server = direct
+        .query_one(&format!("SELECT * FROM {table}"), &[])
+        .await
+        .unwrap();
     for i in 0..row.len() {
         assert_eq!(
             row.get::<_, Option<Raw>>(i),
@@ -126,10 +174,20 @@ async fn binary_values_of_many_types_round_trip_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_survive_transactions_on_other_server_connections() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { pool_size: 3, ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 3,
+            ..Default::default()
+        },
+    )
+    .await;
     let a = proxy.client().await;
     let b = proxy.client().await;
-    let stmt = a.prepare("SELECT $1::int8 * 2, pg_backend_pid()").await.unwrap();
+    let stmt = a
+        .prepare("SELECT $1::int8 * 2, pg_backend_pid()")
+        .await
+        .unwrap();
     // b prepares a different statement that its driver also names "s0".
     let other = b.prepare("SELECT $1::text || '-b'").await.unwrap();
     let mut pids = HashSet::new();
@@ -148,7 +206,11 @@ async fn prepared_statements_survive_transactions_on_other_server_connections() 
             b.batch_execute("COMMIT").await.unwrap();
         }
     }
-    assert!(pids.len() >= 2, "the statement ran on {} server connection(s)", pids.len());
+    assert!(
+        pids.len() >= 2,
+        "the statement ran on {} server connection(s)",
+        pids.len()
+    );
     // Explicit transactions keep working with a prepared statement inside.
     a.batch_execute("BEGIN").await.unwrap();
     let p1 = a.query_one(&stmt, &[&1i64]).await.unwrap().get::<_, i32>(1);
@@ -163,18 +225,31 @@ async fn copy_in_and_out_ten_thousand_rows() {
     let proxy = start_proxy(cluster, ProxyOptions::default()).await;
     let client = proxy.client().await;
     let table = unique_name("copy");
-    client.batch_execute(&format!("CREATE TABLE {table} (id int, v text)")).await.unwrap();
-    let sink = client.copy_in(&format!("COPY {table} FROM STDIN")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int, v text)"))
+        .await
+        .unwrap();
+    let sink = client
+        .copy_in(&format!("COPY {table} FROM STDIN"))
+        .await
+        .unwrap();
     pin_mut!(sink);
     let mut expected = String::new();
     for i in 0..10_000 {
         expected.push_str(&format!("{i}\tvalue {i}\n"));
     }
     for chunk in expected.as_bytes().chunks(7_000) {
-        sink.send(bytes::Bytes::copy_from_slice(chunk)).await.unwrap();
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
     }
     assert_eq!(sink.finish().await.unwrap(), 10_000);
-    let stream = client.copy_out(&format!("COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT")).await.unwrap();
+    let stream = client
+        .copy_out(&format!(
+            "COPY (SELECT * FROM {table} ORDER BY id) TO STDOUT"
+        ))
+        .await
+        .unwrap();
     let chunks: Vec<bytes::Bytes> = stream.try_collect().await.unwrap();
     let out: Vec<u8> = chunks.concat();
     assert_eq!(String::from_utf8(out).unwrap(), expected);
@@ -207,11 +282,23 @@ async fn psql_works_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_message_is_refused_without_harm() {
     let cluster = shared_cluster();
-    let proxy = start_proxy(cluster, ProxyOptions { max_message_size: "64kB", ..Default::default() }).await;
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            max_message_size: "64kB",
+            ..Default::default()
+        },
+    )
+    .await;
     let client = proxy.client().await;
     let big = "x".repeat(100_000);
-    let err = client.query_one("SELECT length($1::text)", &[&big]).await.unwrap_err();
-    let db = err.as_db_error().map(|e| (e.code().code().to_string(), e.message().to_string()));
+    let err = client
+        .query_one("SELECT length($1::text)", &[&big])
+        .await
+        .unwrap_err();
+    let db = err
+        .as_db_error()
+        .map(|e| (e.code().code().to_string(), e.message().to_string()));
     let (code, message) = db.unwrap_or_else(|| panic!("expected a server error, got {err}"));
     assert_eq!(code, "08P01");
     assert!(message.contains("exceeds the limit"), "{message}");
@@ -219,7 +306,10 @@ async fn oversize_message_is_refused_without_harm() {
     // The proxy still serves others, and a message under the limit passes.
     let other = proxy.client().await;
     let small = "y".repeat(10_000);
-    let row = other.query_one("SELECT length($1::text)", &[&small]).await.unwrap();
+    let row = other
+        .query_one("SELECT length($1::text)", &[&small])
+        .await
+        .unwrap();
     assert_eq!(row.get::<_, i32>(0), 10_000);
 }
 
@@ -229,15 +319,25 @@ async fn malformed_frames_get_an_error_and_the_proxy_survives() {
     let proxy = start_proxy(cluster, ProxyOptions::default()).await;
     // A startup packet with an absurd length.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await.unwrap();
+    s.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0])
+        .await
+        .unwrap();
     let mut reply = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
-    assert_eq!(reply.first(), Some(&b'E'), "an ErrorResponse, got {reply:?}");
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    assert_eq!(
+        reply.first(),
+        Some(&b'E'),
+        "an ErrorResponse, got {reply:?}"
+    );
     // Random garbage.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut reply = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut reply)).await;
     assert_eq!(reply.first(), Some(&b'E'));
     // A GSSENCRequest is declined with 'N'.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -246,5 +346,12 @@ async fn malformed_frames_get_an_error_and_the_proxy_survives() {
     s.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"N");
     let client = proxy.client().await;
-    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
 }

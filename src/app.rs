@@ -107,12 +107,14 @@ fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppErr
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| AppError::Tls(format!("{}: {e}", tls.key.display())))?
         .ok_or_else(|| AppError::Tls(format!("{}: no private key found", tls.key.display())))?;
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| AppError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| AppError::Tls(e.to_string()))?;
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| AppError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| AppError::Tls(e.to_string()))?;
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }
 
@@ -122,7 +124,9 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| AppError::Bind(config.listen, e))?;
-    let local_addr = listener.local_addr().map_err(|e| AppError::Bind(config.listen, e))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| AppError::Bind(config.listen, e))?;
     let (tx, rx) = watch::channel(false);
     let reaper = spawn_reaper(frontend.clone(), config.pool.idle_timeout, rx.clone());
     let listener = Listener {
@@ -145,7 +149,11 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
 }
 
 /// Closes idle server connections past their idle timeout, a few times per timeout.
-fn spawn_reaper(fe: Arc<Frontend>, idle_timeout: Duration, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+fn spawn_reaper(
+    fe: Arc<Frontend>,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     let every = (idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);

@@ -37,7 +37,10 @@ pub fn run() -> Result<(), DemoError> {
         extra_conf: Vec::new(),
     })?;
     let result = serve(&cluster);
-    eprintln!("shardgate demo: stopping the cluster and removing {}", cluster.dir().display());
+    eprintln!(
+        "shardgate demo: stopping the cluster and removing {}",
+        cluster.dir().display()
+    );
     cluster.stop();
     result
 }
@@ -55,7 +58,10 @@ fn serve(cluster: &LocalCluster) -> Result<(), DemoError> {
         println!();
         println!("shardgate is running. Connect with:");
         println!("  psql \"postgres://{USER}:{PASSWORD}@127.0.0.1:{port}/{DATABASE}\"");
-        println!("Config: {}   Ctrl-C stops everything.", config.source.display());
+        println!(
+            "Config: {}   Ctrl-C stops everything.",
+            config.source.display()
+        );
         let _ = tokio::signal::ctrl_c().await;
         handle.shutdown();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handle.wait()).await;
@@ -65,7 +71,11 @@ fn serve(cluster: &LocalCluster) -> Result<(), DemoError> {
 
 /// Writes shardgate.yaml and the shard map into the cluster's dir and loads them
 /// through the same code path as a user's files.
-fn write_config(cluster: &LocalCluster, dir: &Path, port: u16) -> Result<(Config, ShardMap), DemoError> {
+fn write_config(
+    cluster: &LocalCluster,
+    dir: &Path,
+    port: u16,
+) -> Result<(Config, ShardMap), DemoError> {
     let primary = cluster.primary();
     let replicas: Vec<String> = cluster
         .replicas()

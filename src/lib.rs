@@ -1,9 +1,8 @@
-
-pub mod protocol;
-pub mod backend;
-pub mod frontend;
-pub mod config;
-pub mod shard_map;
 pub mod app;
+pub mod backend;
+pub mod config;
 pub mod demo;
+pub mod frontend;
 pub mod local_cluster;
+pub mod protocol;
+pub mod shard_map;

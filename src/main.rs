@@ -10,7 +10,11 @@ use shardgate::config::Config;
 use shardgate::shard_map::ShardMap;
 
 #[derive(Parser)]
-#[command(name = "shardgate", version, about = "PostgreSQL sharding and read/write-splitting proxy")]
+#[command(
+    name = "shardgate",
+    version,
+    about = "PostgreSQL sharding and read/write-splitting proxy"
+)]
 struct Cli {
     /// Server settings file (shardgate.yaml).
     #[arg(long, env = "SHARDGATE_CONFIG", global = true)]
@@ -39,7 +43,9 @@ enum Command {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -47,7 +53,8 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn load(path: Option<PathBuf>) -> anyhow::Result<(Config, ShardMap)> {
-    let path = path.context("no config file: pass --config shardgate.yaml or set SHARDGATE_CONFIG")?;
+    let path =
+        path.context("no config file: pass --config shardgate.yaml or set SHARDGATE_CONFIG")?;
     let config = Config::load(&path)?;
     let map = ShardMap::load(&config.shard_map)?;
     Ok((config, map))
@@ -73,12 +80,29 @@ fn main() -> std::process::ExitCode {
 fn check(path: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, map) = load(path)?;
     println!("config {}: OK", config.source.display());
-    println!("  listen {}  pool {:?} x{}  users {}", config.listen, config.pool.mode, config.pool.size, config.users.len());
-    println!("shard map {} (version {}): OK", map.source.display(), map.version);
-    println!("  database {}  default shard {}", map.database, map.default_shard);
+    println!(
+        "  listen {}  pool {:?} x{}  users {}",
+        config.listen,
+        config.pool.mode,
+        config.pool.size,
+        config.users.len()
+    );
+    println!(
+        "shard map {} (version {}): OK",
+        map.source.display(),
+        map.version
+    );
+    println!(
+        "  database {}  default shard {}",
+        map.database, map.default_shard
+    );
     for (name, shard) in &map.shards {
         let replicas: Vec<String> = shard.replicas.iter().map(|r| r.to_string()).collect();
-        println!("  shard {name}: primary {}  replicas [{}]", shard.primary, replicas.join(", "));
+        println!(
+            "  shard {name}: primary {}  replicas [{}]",
+            shard.primary,
+            replicas.join(", ")
+        );
     }
     Ok(())
 }

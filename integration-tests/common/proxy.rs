@@ -96,7 +96,11 @@ impl Drop for TempDir {
 }
 
 pub fn temp_dir(prefix: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), super::unique_name("d")));
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        super::unique_name("d")
+    ));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     TempDir(dir)
 }
@@ -115,7 +119,11 @@ pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy
         replicas.join(", ")
     );
     let tls = match &opts.tls {
-        Some((cert, key)) => format!("tls: {{ cert: {}, key: {} }}\n", cert.display(), key.display()),
+        Some((cert, key)) => format!(
+            "tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
         None => String::new(),
     };
     let config = format!(
@@ -146,7 +154,9 @@ pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy
 
 /// Runs a command to completion, returning (success, stdout, stderr).
 pub fn run_cmd(cmd: &mut std::process::Command) -> (bool, String, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

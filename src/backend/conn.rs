@@ -62,7 +62,10 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    pub async fn connect(target: &ServerTarget, timeout: Duration) -> Result<ServerConn, BackendError> {
+    pub async fn connect(
+        target: &ServerTarget,
+        timeout: Duration,
+    ) -> Result<ServerConn, BackendError> {
         match tokio::time::timeout(timeout, Self::connect_inner(target)).await {
             Ok(result) => result,
             Err(_) => Err(BackendError::ConnectTimeout(target.addr())),
@@ -127,7 +130,10 @@ impl ServerConn {
             }
             let mut body = frame.body();
             if body.len() < 4 {
-                return Err(BackendError::Unexpected(b'R', "short authentication message"));
+                return Err(BackendError::Unexpected(
+                    b'R',
+                    "short authentication message",
+                ));
             }
             let code = body.get_i32();
             let password = || {
@@ -149,29 +155,43 @@ impl ServerConn {
                         .get(..4)
                         .and_then(|s| s.try_into().ok())
                         .ok_or(BackendError::Unexpected(b'R', "md5 salt"))?;
-                    let mut p = md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt).into_bytes();
+                    let mut p =
+                        md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt).into_bytes();
                     p.push(0);
                     messages::password(&mut out, &p);
                 }
                 10 => {
                     let offered = String::from_utf8_lossy(body);
                     if !offered.split('\0').any(|m| m == "SCRAM-SHA-256") {
-                        return Err(BackendError::Unsupported(format!("SASL mechanisms {offered:?}")));
+                        return Err(BackendError::Unsupported(format!(
+                            "SASL mechanisms {offered:?}"
+                        )));
                     }
-                    let client = sasl::ScramSha256::new(password()?.as_bytes(), sasl::ChannelBinding::unsupported());
+                    let client = sasl::ScramSha256::new(
+                        password()?.as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
                     messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", client.message());
                     scram = Some(client);
                 }
                 11 | 12 => {
-                    let client = scram.as_mut().ok_or(BackendError::Unexpected(b'R', "SASL out of order"))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or(BackendError::Unexpected(b'R', "SASL out of order"))?;
                     if code == 11 {
                         client.update(body).map_err(BackendError::Scram)?;
-                        messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(client.message()));
+                        messages::put_msg(&mut out, b'p', |b| {
+                            b.extend_from_slice(client.message())
+                        });
                     } else {
                         client.finish(body).map_err(BackendError::Scram)?;
                     }
                 }
-                other => return Err(BackendError::Unsupported(format!("authentication method {other}"))),
+                other => {
+                    return Err(BackendError::Unsupported(format!(
+                        "authentication method {other}"
+                    )))
+                }
             }
             if !out.is_empty() {
                 self.wr.write_all(&out).await?;

@@ -7,7 +7,7 @@ pub mod params;
 pub mod pool;
 
 pub use conn::{ServerConn, ServerTarget};
-pub use pool::{Pool, PoolSettings, Pools, PooledConn};
+pub use pool::{Pool, PoolSettings, PooledConn, Pools};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

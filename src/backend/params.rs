@@ -46,7 +46,11 @@ impl SessionParams {
     fn refresh(&mut self) {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.entries.hash(&mut h);
-        self.fingerprint = if self.entries.is_empty() { 0 } else { h.finish() | 1 };
+        self.fingerprint = if self.entries.is_empty() {
+            0
+        } else {
+            h.finish() | 1
+        };
     }
 
     /// The statements that turn a connection carrying `from` into one carrying `self`.
@@ -84,7 +88,10 @@ mod tests {
         let mut b = SessionParams::default();
         b.set("application_name", "'x'");
         b.set("search_path", "public");
-        assert_eq!(a.diff_sql(&b), "SET statement_timeout = 100;RESET search_path;");
+        assert_eq!(
+            a.diff_sql(&b),
+            "SET statement_timeout = 100;RESET search_path;"
+        );
         assert_eq!(a.diff_sql(&a), "");
         assert_ne!(a.fingerprint(), b.fingerprint());
         b.remove("search_path");

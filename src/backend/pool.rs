@@ -12,6 +12,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::conn::{ServerConn, ServerTarget};
 use super::BackendError;
 
+/// ParameterStatus name/value pairs as a server reported them.
+pub type ServerParams = Arc<Vec<(String, String)>>;
+
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub size: usize,
@@ -29,7 +32,7 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     /// ParameterStatus values from the first successful connection, shown to clients
     /// at login (server_version, encodings, DateStyle...).
-    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    server_params: Mutex<Option<ServerParams>>,
 }
 
 /// A connection on loan. Dropping it closes the connection; only `release` returns it
@@ -96,8 +99,13 @@ impl Pool {
     }
 
     /// Server ParameterStatus values, connecting once if none is known yet.
-    pub async fn server_params(self: &Arc<Self>) -> Result<Arc<Vec<(String, String)>>, BackendError> {
-        if let Some(p) = self.server_params.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+    pub async fn server_params(self: &Arc<Self>) -> Result<ServerParams, BackendError> {
+        if let Some(p) = self
+            .server_params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(p);
         }
         let conn = self.acquire().await?;
@@ -149,13 +157,17 @@ impl PooledConn {
 impl std::ops::Deref for PooledConn {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        self.conn.as_ref().unwrap_or_else(|| unreachable!("taken only by release/drop"))
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only by release/drop"))
     }
 }
 
 impl std::ops::DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        self.conn.as_mut().unwrap_or_else(|| unreachable!("taken only by release/drop"))
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("taken only by release/drop"))
     }
 }
 
@@ -175,7 +187,12 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn reap(&self) {

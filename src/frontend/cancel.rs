@@ -26,7 +26,10 @@ impl CancelSlot {
     }
 
     pub fn get(&self) -> Option<CancelTarget> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -74,7 +77,10 @@ impl CancelRegistry {
     }
 
     pub fn len(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,7 +90,11 @@ impl CancelRegistry {
 
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        let mut sessions = self.registry.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sessions = self
+            .registry
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         sessions.remove(&self.pid);
     }
 }

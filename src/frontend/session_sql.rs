@@ -53,10 +53,12 @@ fn analyze_one(stmt: &str, out: &mut SessionEffects) {
             Some(name) => out.effects.push(SessionEffect::Reset { name }),
             None => out.taints = true,
         },
-        ["discard", "all", ..] | ["discard", "all;", ..] => out.effects.push(SessionEffect::DiscardAll),
-        ["deallocate", "all", ..] | ["deallocate", "all;", ..] | ["deallocate", "prepare", "all", ..] => {
-            out.effects.push(SessionEffect::DeallocateAll)
+        ["discard", "all", ..] | ["discard", "all;", ..] => {
+            out.effects.push(SessionEffect::DiscardAll)
         }
+        ["deallocate", "all", ..]
+        | ["deallocate", "all;", ..]
+        | ["deallocate", "prepare", "all", ..] => out.effects.push(SessionEffect::DeallocateAll),
         ["discard" | "deallocate" | "listen" | "prepare" | "load", ..] => out.taints = true,
         ["create", w, ..] if is_temp(w) => out.taints = true,
         ["create", "local" | "global", w, ..] if is_temp(w) => out.taints = true,
@@ -256,7 +258,9 @@ fn skip_dollar_quoted(sql: &str, i: usize) -> usize {
         return i + 1;
     };
     let tag = &rest[..close];
-    if !tag.chars().all(|c| c.is_alphanumeric() || c == '_') || tag.starts_with(|c: char| c.is_ascii_digit()) {
+    if !tag.chars().all(|c| c.is_alphanumeric() || c == '_')
+        || tag.starts_with(|c: char| c.is_ascii_digit())
+    {
         return i + 1;
     }
     let delim = &sql[i..i + close + 2];

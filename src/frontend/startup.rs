@@ -44,7 +44,10 @@ pub async fn serve(
     permit: Option<OwnedSemaphorePermit>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let peer = socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = socket
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     socket.set_nodelay(true).ok();
     let span = tracing::info_span!("client", client.addr = %peer, user = tracing::field::Empty, db = tracing::field::Empty);
     async move {
@@ -64,7 +67,9 @@ pub async fn serve(
                 return;
             }
         };
-        tracing::Span::current().record("user", user.as_str()).record("db", database.as_str());
+        tracing::Span::current()
+            .record("user", user.as_str())
+            .record("db", database.as_str());
         run_session(stream, buf, fe, user, params, shutdown).await;
         drop(permit);
     }
@@ -81,7 +86,13 @@ async fn refuse(stream: &mut ClientStream, error: &LoginError) {
         let _ = stream.flush().await;
     } else if let LoginError::Timeout = error {
         let mut out = BytesMut::new();
-        messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", "08006", "login timed out");
+        messages::error_fields(
+            &mut out,
+            btag::ERROR_RESPONSE,
+            "FATAL",
+            "08006",
+            "login timed out",
+        );
         let _ = stream.write_all(&out).await;
     }
 }
@@ -104,17 +115,27 @@ async fn login(
         }
     };
     if !has_slot {
-        return Err(LoginError::Refused("53300", "sorry, too many clients already".into()));
+        return Err(LoginError::Refused(
+            "53300",
+            "sorry, too many clients already".into(),
+        ));
     }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let user = get("user").ok_or_else(|| LoginError::Refused("28000", "no user name given".into()))?;
+    let user =
+        get("user").ok_or_else(|| LoginError::Refused("28000", "no user name given".into()))?;
     let database = get("database").unwrap_or_else(|| user.clone());
     if get("replication").is_some_and(|r| r != "false" && r != "0") {
-        return Err(LoginError::Refused("08P01", "replication connections are not supported".into()));
+        return Err(LoginError::Refused(
+            "08P01",
+            "replication connections are not supported".into(),
+        ));
     }
     authenticate(stream, buf, fe, &user).await?;
     if database != fe.settings.database {
-        return Err(LoginError::Refused("3D000", format!("database \"{database}\" does not exist")));
+        return Err(LoginError::Refused(
+            "3D000",
+            format!("database \"{database}\" does not exist"),
+        ));
     }
     let session_params = startup_session_params(&params);
     Ok(Some(Login {
@@ -124,7 +145,10 @@ async fn login(
     }))
 }
 
-async fn read_startup(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<StartupPacket, LoginError> {
+async fn read_startup(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> Result<StartupPacket, LoginError> {
     loop {
         match decode_startup(buf) {
             Ok(Some(packet)) => return Ok(packet),
@@ -143,7 +167,10 @@ async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), L
         return Ok(());
     };
     let ClientStream::Plain(mut tcp) = std::mem::replace(stream, ClientStream::Closed) else {
-        return Err(LoginError::Refused("08P01", "SSLRequest after TLS was established".into()));
+        return Err(LoginError::Refused(
+            "08P01",
+            "SSLRequest after TLS was established".into(),
+        ));
     };
     tcp.write_all(b"S").await?;
     let tls = acceptor.accept(tcp).await?;
@@ -154,7 +181,9 @@ async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), L
 async fn forward_cancel(fe: &Frontend, pid: u32, secret: u32) {
     match fe.cancels.lookup(pid, secret) {
         Some(target) => {
-            if let Err(error) = crate::backend::conn::send_cancel(&target.host, target.port, target.key).await {
+            if let Err(error) =
+                crate::backend::conn::send_cancel(&target.host, target.port, target.key).await
+            {
                 tracing::warn!(%error, "forwarding cancel failed");
             }
         }
@@ -162,11 +191,19 @@ async fn forward_cancel(fe: &Frontend, pid: u32, secret: u32) {
     }
 }
 
-async fn read_auth_frame(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<Frame, LoginError> {
+async fn read_auth_frame(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+) -> Result<Frame, LoginError> {
     loop {
         match decode_frame(buf, MAX_AUTH_MESSAGE) {
             Ok(Some(frame)) if frame.tag == b'p' => return Ok(frame),
-            Ok(Some(_)) => return Err(LoginError::Refused("08P01", "expected a password message".into())),
+            Ok(Some(_)) => {
+                return Err(LoginError::Refused(
+                    "08P01",
+                    "expected a password message".into(),
+                ))
+            }
             Ok(None) => {}
             Err(e) => return Err(LoginError::Refused("08P01", e.to_string())),
         }
@@ -177,8 +214,18 @@ async fn read_auth_frame(stream: &mut ClientStream, buf: &mut BytesMut) -> Resul
 }
 
 /// SCRAM-SHA-256. Unknown users run the same exchange against a decoy secret.
-async fn authenticate(stream: &mut ClientStream, buf: &mut BytesMut, fe: &Frontend, user: &str) -> Result<(), LoginError> {
-    let failed = || LoginError::Refused("28P01", format!("password authentication failed for user \"{user}\""));
+async fn authenticate(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    fe: &Frontend,
+    user: &str,
+) -> Result<(), LoginError> {
+    let failed = || {
+        LoginError::Refused(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
     let secret = fe.users.get(user).map_or(&fe.decoy, |u| &u.scram);
     let mut out = BytesMut::new();
     messages::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
@@ -189,7 +236,10 @@ async fn authenticate(stream: &mut ClientStream, buf: &mut BytesMut, fe: &Fronte
     let mechanism = crate::protocol::frame::take_cstr(&mut body).map_err(|_| failed())?;
     let declared = crate::protocol::frame::take_i32(&mut body).map_err(|_| failed())?;
     if mechanism != scram::MECHANISM || declared as usize != body.len() {
-        return Err(LoginError::Refused("28000", "unsupported SASL mechanism or malformed message".into()));
+        return Err(LoginError::Refused(
+            "28000",
+            "unsupported SASL mechanism or malformed message".into(),
+        ));
     }
     let (exchange, server_first) = scram::server_first(secret, body).map_err(|_| failed())?;
     out.clear();
@@ -197,7 +247,9 @@ async fn authenticate(stream: &mut ClientStream, buf: &mut BytesMut, fe: &Fronte
     stream.write_all(&out).await?;
 
     let frame = read_auth_frame(stream, buf).await?;
-    let server_final = exchange.server_final(secret, frame.body()).map_err(|_| failed())?;
+    let server_final = exchange
+        .server_final(secret, frame.body())
+        .map_err(|_| failed())?;
     if !fe.users.contains_key(user) {
         return Err(failed());
     }
@@ -222,7 +274,10 @@ fn startup_session_params(params: &[(String, String)]) -> SessionParams {
             }
             _ => {
                 let lower = name.to_ascii_lowercase();
-                if lower.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+                if lower
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                {
                     session.set(&lower, &quote_literal(value));
                 }
             }
@@ -243,7 +298,9 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
         };
         if let Some((k, v)) = pair.and_then(|p| p.split_once('=')) {
             let k = k.replace('-', "_").to_ascii_lowercase();
-            if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            if k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            {
                 out.push((k, v.to_owned()));
             }
         }
@@ -265,7 +322,10 @@ async fn run_session(
     let server_params = match pool.server_params().await {
         Ok(p) => p,
         Err(error) => {
-            let error = LoginError::Refused("08006", format!("cannot reach the database server: {error}"));
+            let error = LoginError::Refused(
+                "08006",
+                format!("cannot reach the database server: {error}"),
+            );
             refuse(&mut stream, &error).await;
             return;
         }
@@ -309,4 +369,3 @@ fn unquote(value: &str) -> String {
         .map(|v| v.replace("''", "'"))
         .unwrap_or_else(|| value.to_owned())
 }
-

@@ -111,7 +111,9 @@ pub fn decode_target(frame: &Frame) -> Result<(u8, &str), ProtocolError> {
         .split_first()
         .ok_or(ProtocolError::Malformed("empty Describe/Close"))?;
     if kind != b'S' && kind != b'P' {
-        return Err(ProtocolError::Malformed("Describe/Close kind must be S or P"));
+        return Err(ProtocolError::Malformed(
+            "Describe/Close kind must be S or P",
+        ));
     }
     let name = take_cstr(&mut rest)?;
     Ok((kind, name))

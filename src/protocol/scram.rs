@@ -133,7 +133,11 @@ fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
 
 impl ScramExchange {
     /// Verifies client-final-message; returns server-final-message ("v=...").
-    pub fn server_final(&self, secret: &ScramSecret, client_final: &[u8]) -> Result<String, ScramError> {
+    pub fn server_final(
+        &self,
+        secret: &ScramSecret,
+        client_final: &[u8],
+    ) -> Result<String, ScramError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof_b64) = text
@@ -191,11 +195,16 @@ mod tests {
     /// Runs our server against postgres-protocol's client, as a real driver would.
     fn exchange(server_password: &str, client_password: &str) -> Result<(), ScramError> {
         let secret = ScramSecret::new(server_password);
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        let mut client =
+            ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
         let (state, first) = server_first(&secret, client.message())?;
-        client.update(first.as_bytes()).expect("client accepts server-first");
+        client
+            .update(first.as_bytes())
+            .expect("client accepts server-first");
         let last = state.server_final(&secret, client.message())?;
-        client.finish(last.as_bytes()).expect("client verifies the server signature");
+        client
+            .finish(last.as_bytes())
+            .expect("client verifies the server signature");
         Ok(())
     }
 

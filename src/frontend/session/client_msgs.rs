@@ -24,7 +24,8 @@ where
 {
     pub(super) async fn process_client_frames(&mut self) -> Result<Flow, SessionError> {
         while self.sout.len() < super::OUT_LIMIT {
-            let Some(frame) = decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)? else {
+            let Some(frame) = decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)?
+            else {
                 break;
             };
             if self.skipping && frame.tag != tag::SYNC {
@@ -42,7 +43,10 @@ where
                 tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
                 tag::SYNC => self.on_sync(&frame),
                 tag::EXECUTE => self.forward_needing_server(&frame, Expect::Execute).await?,
-                tag::FUNCTION_CALL => self.forward_needing_server(&frame, Expect::FunctionCall).await?,
+                tag::FUNCTION_CALL => {
+                    self.forward_needing_server(&frame, Expect::FunctionCall)
+                        .await?
+                }
                 tag::COPY_DONE | tag::COPY_FAIL => {
                     self.copy_in = false;
                     if self.server.is_some() {
@@ -57,7 +61,11 @@ where
                     }
                 }
                 tag::TERMINATE => return Ok(Flow::Stop),
-                _ => return Err(ProtocolError::Malformed("unsupported frontend message type").into()),
+                _ => {
+                    return Err(
+                        ProtocolError::Malformed("unsupported frontend message type").into(),
+                    )
+                }
             }
         }
         Ok(Flow::Continue)
@@ -76,7 +84,11 @@ where
         }
     }
 
-    async fn forward_needing_server(&mut self, frame: &Frame, expect: Expect) -> Result<(), SessionError> {
+    async fn forward_needing_server(
+        &mut self,
+        frame: &Frame,
+        expect: Expect,
+    ) -> Result<(), SessionError> {
         self.ensure_server().await?;
         self.sout.extend_from_slice(&frame.raw);
         self.push(Op::Forward(expect));
@@ -126,7 +138,12 @@ where
             if known {
                 self.push_synthetic(PARSE_COMPLETE);
             } else {
-                messages::parse(&mut self.sout, &stmt.server_name, &stmt.query, &stmt.param_types);
+                messages::parse(
+                    &mut self.sout,
+                    &stmt.server_name,
+                    &stmt.query,
+                    &stmt.param_types,
+                );
                 self.push(Op::Forward(Expect::Parse {
                     named: Some(stmt.id),
                     unnamed: None,
@@ -153,10 +170,24 @@ where
         let (missing, name, expect) = if unnamed {
             let missing = conn.unnamed != Some(stmt.id);
             conn.unnamed = Some(stmt.id);
-            (missing, "", Expect::Parse { named: None, unnamed: Some(stmt.id) })
+            (
+                missing,
+                "",
+                Expect::Parse {
+                    named: None,
+                    unnamed: Some(stmt.id),
+                },
+            )
         } else {
             let missing = conn.prepared.insert(stmt.id);
-            (missing, stmt.server_name.as_str(), Expect::Parse { named: Some(stmt.id), unnamed: None })
+            (
+                missing,
+                stmt.server_name.as_str(),
+                Expect::Parse {
+                    named: Some(stmt.id),
+                    unnamed: None,
+                },
+            )
         };
         if missing {
             messages::parse(&mut self.sout, name, &stmt.query, &stmt.param_types);

@@ -46,7 +46,10 @@ pub enum SessionError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expect {
     /// `named`/`unnamed`: the statement id the server holds once this succeeds.
-    Parse { named: Option<u64>, unnamed: Option<u64> },
+    Parse {
+        named: Option<u64>,
+        unnamed: Option<u64>,
+    },
     Bind,
     Describe,
     Execute,
@@ -178,7 +181,10 @@ where
     }
 
     fn shutting_down(&mut self) -> SessionError {
-        self.fatal("57P01", "terminating connection due to administrator command");
+        self.fatal(
+            "57P01",
+            "terminating connection due to administrator command",
+        );
         SessionError::ClientIo(io::Error::other("shutdown"))
     }
 
@@ -311,7 +317,10 @@ where
     }
 }
 
-async fn read_server(rd: Option<&mut OwnedReadHalf>, buf: Option<&mut BytesMut>) -> io::Result<usize> {
+async fn read_server(
+    rd: Option<&mut OwnedReadHalf>,
+    buf: Option<&mut BytesMut>,
+) -> io::Result<usize> {
     match (rd, buf) {
         (Some(rd), Some(buf)) => rd.read_buf(buf).await,
         _ => std::future::pending().await,

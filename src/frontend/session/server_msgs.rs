@@ -34,7 +34,9 @@ where
             if forward {
                 self.cout.extend_from_slice(&conn.rbuf[..header.len]);
             }
-            if header.tag == btag::COMMAND_COMPLETE && conn.rbuf[5..header.len].starts_with(b"ROLLBACK") {
+            if header.tag == btag::COMMAND_COMPLETE
+                && conn.rbuf[5..header.len].starts_with(b"ROLLBACK")
+            {
                 self.txn_failed = true;
             }
             conn.rbuf.advance(header.len);
@@ -69,7 +71,8 @@ where
                 // by the server: they owe no ReadyForQuery.
                 self.copy_in = true;
                 let head = self.ops.pop_front();
-                self.ops.retain(|op| !matches!(op, Op::Forward(Expect::Sync)));
+                self.ops
+                    .retain(|op| !matches!(op, Op::Forward(Expect::Sync)));
                 if let Some(head) = head {
                     self.ops.push_front(head);
                 }
@@ -117,8 +120,10 @@ where
             if matches!(op, Op::Forward(Expect::Sync)) {
                 return;
             }
-            if let Some(Op::Forward(Expect::Parse { named, unnamed }) | Op::Hidden(Expect::Parse { named, unnamed })) =
-                self.ops.pop_front()
+            if let Some(
+                Op::Forward(Expect::Parse { named, unnamed })
+                | Op::Hidden(Expect::Parse { named, unnamed }),
+            ) = self.ops.pop_front()
             {
                 if let Some(conn) = self.server.as_mut() {
                     if let Some(id) = named {
@@ -182,7 +187,7 @@ where
                 SessionEffect::Reset { name } => {
                     // RESET returns to the session default: the startup value if any.
                     match self.startup_params.get(&name) {
-                        Some(v) => self.params.set(&name, &v.to_owned()),
+                        Some(v) => self.params.set(&name, v),
                         None => self.params.remove(&name),
                     }
                     conn.applied.remove(&name);

@@ -9,19 +9,41 @@ fn set(name: &str, value: &str) -> SessionEffect {
 
 #[test]
 fn set_forms_are_recognised() {
-    assert_eq!(analyze("SET statement_timeout = 100").effects, vec![set("statement_timeout", "100")]);
-    assert_eq!(analyze("set Statement_Timeout to '5s';").effects, vec![set("statement_timeout", "'5s'")]);
-    assert_eq!(analyze("SET SESSION search_path=a, b").effects, vec![set("search_path", "a, b")]);
-    assert_eq!(analyze("SET TIME ZONE 'UTC'").effects, vec![set("timezone", "'UTC'")]);
-    assert_eq!(analyze("SET NAMES 'UTF8'").effects, vec![set("client_encoding", "'UTF8'")]);
-    assert_eq!(analyze("SET SCHEMA 'x'").effects, vec![set("search_path", "'x'")]);
+    assert_eq!(
+        analyze("SET statement_timeout = 100").effects,
+        vec![set("statement_timeout", "100")]
+    );
+    assert_eq!(
+        analyze("set Statement_Timeout to '5s';").effects,
+        vec![set("statement_timeout", "'5s'")]
+    );
+    assert_eq!(
+        analyze("SET SESSION search_path=a, b").effects,
+        vec![set("search_path", "a, b")]
+    );
+    assert_eq!(
+        analyze("SET TIME ZONE 'UTC'").effects,
+        vec![set("timezone", "'UTC'")]
+    );
+    assert_eq!(
+        analyze("SET NAMES 'UTF8'").effects,
+        vec![set("client_encoding", "'UTF8'")]
+    );
+    assert_eq!(
+        analyze("SET SCHEMA 'x'").effects,
+        vec![set("search_path", "'x'")]
+    );
     assert_eq!(
         analyze("SET work_mem TO DEFAULT").effects,
-        vec![SessionEffect::Reset { name: "work_mem".into() }]
+        vec![SessionEffect::Reset {
+            name: "work_mem".into()
+        }]
     );
     assert_eq!(
         analyze("/* c */ RESET search_path").effects,
-        vec![SessionEffect::Reset { name: "search_path".into() }]
+        vec![SessionEffect::Reset {
+            name: "search_path".into()
+        }]
     );
     assert_eq!(analyze("RESET ALL").effects, vec![SessionEffect::ResetAll]);
 }
@@ -62,15 +84,31 @@ fn untracked_session_state_taints() {
 
 #[test]
 fn multi_statement_queries_are_split_outside_quotes_and_comments() {
-    let parts = split_statements("SET a = 1; SELECT ';' ; -- x;\n SELECT $f$ ; $f$; /* ; */ SELECT E'\\';'");
-    assert_eq!(parts, vec!["SET a = 1", "SELECT ';' ", "SELECT $f$ ; $f$", "SELECT E'\\';'"]);
+    let parts = split_statements(
+        "SET a = 1; SELECT ';' ; -- x;\n SELECT $f$ ; $f$; /* ; */ SELECT E'\\';'",
+    );
+    assert_eq!(
+        parts,
+        vec![
+            "SET a = 1",
+            "SELECT ';' ",
+            "SELECT $f$ ; $f$",
+            "SELECT E'\\';'"
+        ]
+    );
     let effects = analyze("SET a = 1; SET b TO 'x;y'; SELECT 1");
     assert_eq!(effects.effects, vec![set("a", "1"), set("b", "'x;y'")]);
 }
 
 #[test]
 fn discard_and_deallocate_all() {
-    assert_eq!(analyze("DISCARD ALL").effects, vec![SessionEffect::DiscardAll]);
-    assert_eq!(analyze("deallocate all").effects, vec![SessionEffect::DeallocateAll]);
+    assert_eq!(
+        analyze("DISCARD ALL").effects,
+        vec![SessionEffect::DiscardAll]
+    );
+    assert_eq!(
+        analyze("deallocate all").effects,
+        vec![SessionEffect::DeallocateAll]
+    );
     assert!(analyze("DEALLOCATE p1").taints);
 }

@@ -43,7 +43,11 @@ pub fn peek_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHeader>, Pro
     }
     let len = declared + 1;
     if len > max_len {
-        return Err(ProtocolError::TooLarge { tag, len, max: max_len });
+        return Err(ProtocolError::TooLarge {
+            tag,
+            len,
+            max: max_len,
+        });
     }
     if buf.len() < len {
         return Ok(None);
@@ -146,7 +150,8 @@ pub fn take_cstr<'a>(body: &mut &'a [u8]) -> Result<&'a str, ProtocolError> {
         .iter()
         .position(|&b| b == 0)
         .ok_or(ProtocolError::Malformed("missing string terminator"))?;
-    let s = std::str::from_utf8(&body[..nul]).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
+    let s =
+        std::str::from_utf8(&body[..nul]).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
     *body = &body[nul + 1..];
     Ok(s)
 }

@@ -46,9 +46,15 @@ fn startup_packets_decode() {
         Some(StartupPacket::Cancel { pid: 7, secret: 9 })
     );
     let mut ssl = BytesMut::from(&[0, 0, 0, 8, 4, 210, 22, 47][..]);
-    assert_eq!(decode_startup(&mut ssl).unwrap(), Some(StartupPacket::SslRequest));
+    assert_eq!(
+        decode_startup(&mut ssl).unwrap(),
+        Some(StartupPacket::SslRequest)
+    );
     let mut gss = BytesMut::from(&[0, 0, 0, 8, 4, 210, 22, 48][..]);
-    assert_eq!(decode_startup(&mut gss).unwrap(), Some(StartupPacket::GssEncRequest));
+    assert_eq!(
+        decode_startup(&mut gss).unwrap(),
+        Some(StartupPacket::GssEncRequest)
+    );
 }
 
 #[test]
