@@ -68,7 +68,7 @@ async fn a_slow_reader_holds_the_server_back_instead_of_filling_memory() {
     let proxy = start_proxy(cluster, ProxyOptions::default()).await;
     // A raw protocol client, so that we control exactly when bytes are read.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    login(&mut s, &proxy).await;
+    common::raw::login(&mut s, &proxy).await;
     let before = rss_bytes();
     // About 400 MB of result rows.
     let sql = "SELECT repeat('x', 4000) || g AS filler FROM generate_series(1, 100000) g";
@@ -113,45 +113,92 @@ async fn a_slow_reader_holds_the_server_back_instead_of_filling_memory() {
     assert!(total > 400_000_000, "{total} bytes");
 }
 
-/// Startup + SCRAM with postgres-protocol's client, on a raw socket.
-async fn login(s: &mut tokio::net::TcpStream, proxy: &common::proxy::TestProxy) {
-    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-    use shardgate::protocol::messages;
-    let mut out = BytesMut::new();
-    messages::startup(
-        &mut out,
-        &[("user", &proxy.user), ("database", &proxy.database)],
+/// Runs the real binary on a free port with a config for `cluster`.
+fn spawn_binary(
+    cluster: &common::TestCluster,
+) -> (std::process::Child, String, common::proxy::TempDir) {
+    let port = shardgate::local_cluster::free_port();
+    let opts = ProxyOptions::default();
+    let (dir, config) = common::proxy::write_config(cluster, &opts, &format!("127.0.0.1:{port}"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start shardgate");
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname={}",
+        cluster.app_user, cluster.app_password, cluster.database
     );
-    s.write_all(&out).await.unwrap();
-    let mut inbuf = BytesMut::new();
-    let mut scram = ScramSha256::new(proxy.password.as_bytes(), ChannelBinding::unsupported());
+    (child, dsn, dir)
+}
+
+async fn wait_until_up(dsn: &str) -> tokio_postgres::Client {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let frame = loop {
-            if let Some(f) = shardgate::protocol::decode_frame(&mut inbuf, 1 << 20).unwrap() {
-                break f;
-            }
-            assert!(
-                s.read_buf(&mut inbuf).await.unwrap() > 0,
-                "closed during login"
-            );
-        };
-        let body = frame.body();
-        out.clear();
-        match (frame.tag, body.get(..4)) {
-            (b'R', Some([0, 0, 0, 10])) => {
-                messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", scram.message())
-            }
-            (b'R', Some([0, 0, 0, 11])) => {
-                scram.update(&body[4..]).unwrap();
-                messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(scram.message()));
-            }
-            (b'R', Some([0, 0, 0, 12])) => scram.finish(&body[4..]).unwrap(),
-            (b'Z', _) => return,
-            (b'E', _) => panic!("login failed"),
-            _ => {}
+        if let Ok((client, conn)) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            return client;
         }
-        if !out.is_empty() {
-            s.write_all(&out).await.unwrap();
-        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the binary never accepted connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shardgate did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_sigint_exits_at_once() {
+    let cluster = shared_cluster();
+    let table = unique_name("signals");
+    let (mut child, dsn, _dir) = spawn_binary(cluster);
+    let busy = wait_until_up(&dsn).await;
+    busy.batch_execute(&format!(
+        "CREATE TABLE {table} (a int); BEGIN; INSERT INTO {table} VALUES (1)"
+    ))
+    .await
+    .unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    busy.batch_execute(&format!("INSERT INTO {table} VALUES (2); COMMIT"))
+        .await
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}");
+
+    let (mut child, dsn, _dir) = spawn_binary(cluster);
+    let open = wait_until_up(&dsn).await;
+    open.batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES (3)"))
+        .await
+        .unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    wait_exit(&mut child, Duration::from_secs(3)).await;
+    let direct = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    wait_for("the interrupted transaction to roll back", Duration::from_secs(10), || async {
+        let rows = direct.query(&format!("SELECT a FROM {table} ORDER BY a"), &[]).await.unwrap();
+        let values: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        values == vec![1, 2]
+            && direct
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                == 0
+    })
+    .await;
 }

@@ -281,3 +281,44 @@ async fn temp_state_under_transaction_pooling_never_reaches_another_client() {
     let path: String = b.query_one("SHOW search_path", &[]).await.unwrap().get(0);
     assert_ne!(path, "nowhere");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_and_notifications_pass_through_in_session_mode() {
+    use futures_util::future::poll_fn;
+    use tokio_postgres::AsyncMessage;
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_mode: "session",
+            ..Default::default()
+        },
+    )
+    .await;
+    let (listener, mut conn) = tokio_postgres::connect(&proxy.dsn(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = poll_fn(|cx| conn.poll_message(cx)).await {
+            let text = match msg {
+                AsyncMessage::Notice(n) => format!("notice:{}", n.message()),
+                AsyncMessage::Notification(n) => format!("notify:{}:{}", n.channel(), n.payload()),
+                _ => continue,
+            };
+            let _ = tx.send(text);
+        }
+    });
+    listener
+        .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+        .await
+        .unwrap();
+    assert_eq!(rx.recv().await.as_deref(), Some("notice:hello"));
+    listener.batch_execute("LISTEN jobs").await.unwrap();
+    let sender = proxy.client().await;
+    sender.batch_execute("NOTIFY jobs, 'ready'").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("notification arrives");
+    assert_eq!(got.as_deref(), Some("notify:jobs:ready"));
+}

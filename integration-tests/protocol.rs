@@ -355,3 +355,72 @@ async fn malformed_frames_get_an_error_and_the_proxy_survives() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_queries_keep_their_order_and_errors_stay_local() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = proxy.client().await;
+    let stmt = client.prepare("SELECT 100 / $1::int4").await.unwrap();
+    // tokio-postgres pipelines concurrent requests on one connection: many
+    // Bind/Execute/Sync groups are in flight before the first answer arrives.
+    let futures = (0..60i32).map(|i| {
+        let (client, stmt) = (&client, &stmt);
+        async move {
+            let divisor = if i == 30 { 0 } else { i % 7 + 1 };
+            (divisor, client.query_one(stmt, &[&divisor]).await)
+        }
+    });
+    for (divisor, result) in futures_util::future::join_all(futures).await {
+        match result {
+            Ok(row) => assert_eq!(row.get::<_, i32>(0), 100 / divisor),
+            Err(e) => {
+                assert_eq!(divisor, 0);
+                assert_eq!(e.code().map(|c| c.code()), Some("22012"));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_call_passes_through() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    common::raw::login(&mut s, &proxy).await;
+    let mut inbuf = bytes::BytesMut::new();
+    let mut out = bytes::BytesMut::new();
+    shardgate::protocol::messages::query(&mut out, "SELECT 'int4pl'::regproc::oid");
+    s.write_all(&out).await.unwrap();
+    let msgs = common::raw::read_until_ready(&mut s, &mut inbuf).await;
+    let row = msgs.iter().find(|(t, _)| *t == b'D').expect("a row");
+    let oid: u32 = std::str::from_utf8(&row.1[6..]).unwrap().parse().unwrap();
+    // FunctionCall int4pl(2, 40), arguments and result in text format.
+    out.clear();
+    shardgate::protocol::messages::put_msg(&mut out, b'F', |b| {
+        use bytes::BufMut;
+        b.put_u32(oid);
+        b.put_i16(1);
+        b.put_i16(0);
+        b.put_i16(2);
+        for arg in [&b"2"[..], b"40"] {
+            b.put_i32(arg.len() as i32);
+            b.put_slice(arg);
+        }
+        b.put_i16(0);
+    });
+    s.write_all(&out).await.unwrap();
+    let msgs = common::raw::read_until_ready(&mut s, &mut inbuf).await;
+    let (_, body) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'V')
+        .expect("FunctionCallResponse");
+    assert_eq!(&body[4..], b"42");
+}

@@ -62,7 +62,7 @@ fn serve(cluster: &LocalCluster) -> Result<(), DemoError> {
             "Config: {}   Ctrl-C stops everything.",
             config.source.display()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        wait_for_stop_signal().await;
         handle.shutdown();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), handle.wait()).await;
         Ok(())
@@ -98,4 +98,20 @@ fn write_config(
     let config = Config::load(&config_path)?;
     let map = ShardMap::load(&config.shard_map)?;
     Ok((config, map))
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM: either way the cluster must be cleaned up.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

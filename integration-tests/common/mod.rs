@@ -11,6 +11,7 @@
 #![allow(dead_code)] // not every test binary uses every helper
 
 pub mod proxy;
+pub mod raw;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};

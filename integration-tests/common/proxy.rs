@@ -105,7 +105,13 @@ pub fn temp_dir(prefix: &str) -> TempDir {
     TempDir(dir)
 }
 
-pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy {
+/// Writes shardgate.yaml and its shard map for `cluster` into a fresh temp dir;
+/// returns the dir and the config path.
+pub fn write_config(
+    cluster: &TestCluster,
+    opts: &ProxyOptions,
+    listen: &str,
+) -> (TempDir, PathBuf) {
     let dir = temp_dir("shardgate-proxy");
     let (host, port) = &cluster.primary;
     let replicas: Vec<String> = cluster
@@ -127,7 +133,7 @@ pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy
         None => String::new(),
     };
     let config = format!(
-        "listen: 127.0.0.1:0\n{tls}pool: {{ mode: {}, size: {}, acquire_timeout: {} }}\nlimits: {{ max_client_connections: {}, max_message_size: {}, shutdown_grace: {} }}\nusers:\n  - {{ name: {}, password: {} }}\nshard_map: map.yaml\n",
+        "listen: {listen}\n{tls}pool: {{ mode: {}, size: {}, acquire_timeout: {} }}\nlimits: {{ max_client_connections: {}, max_message_size: {}, shutdown_grace: {} }}\nusers:\n  - {{ name: {}, password: {} }}\nshard_map: map.yaml\n",
         opts.pool_mode,
         opts.pool_size,
         opts.acquire_timeout,
@@ -139,7 +145,13 @@ pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy
     );
     std::fs::write(dir.0.join("map.yaml"), map).expect("write map");
     std::fs::write(dir.0.join("shardgate.yaml"), config).expect("write config");
-    let config = Config::load(&dir.0.join("shardgate.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.0.join("shardgate.yaml");
+    (dir, path)
+}
+
+pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy {
+    let (dir, path) = write_config(cluster, &opts, "127.0.0.1:0");
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let map = ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
     let handle = app::start(&config, &map).await.expect("proxy starts");
     TestProxy {
