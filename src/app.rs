@@ -11,12 +11,20 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use arc_swap::ArcSwap;
+
 use crate::backend::{PoolSettings, Pools};
+use crate::control::monitor::{self, MonitorHandle, MonitorNode, MonitorSettings};
 use crate::config::{Config, PoolMode as ConfigPoolMode};
 use crate::frontend::listener::Listener;
 use crate::frontend::{BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode};
 use crate::protocol::scram::ScramSecret;
-use crate::shard_map::ShardMap;
+use crate::routing::cache::AnalysisCache;
+use crate::shard_map::{NodeAddr, ShardMap};
+use crate::topology::SharedFreshness;
+
+/// Distinct simple-query texts whose analysis is kept.
+const ANALYSIS_CACHE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +40,7 @@ pub struct ProxyHandle {
     pub frontend: Arc<Frontend>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    _monitor: MonitorHandle,
 }
 
 impl ProxyHandle {
@@ -46,8 +55,36 @@ impl ProxyHandle {
     }
 }
 
-pub fn build_frontend(config: &Config, map: &ShardMap) -> Result<Frontend, AppError> {
-    let primary = &map.default_shard().primary;
+fn backend_node(addr: &NodeAddr) -> BackendNode {
+    BackendNode {
+        host: addr.host.clone(),
+        port: addr.port,
+        user: addr.user.clone(),
+        password: addr.password.clone(),
+    }
+}
+
+/// The default shard's nodes, primary first, in map order.
+fn shard_nodes(map: &ShardMap) -> Vec<&NodeAddr> {
+    let shard = map.default_shard();
+    std::iter::once(&shard.primary).chain(shard.replicas.iter()).collect()
+}
+
+fn monitor_nodes(config: &Config, map: &ShardMap) -> Vec<MonitorNode> {
+    let control = config.user(&config.control.user);
+    shard_nodes(map)
+        .into_iter()
+        .map(|n| MonitorNode {
+            host: n.host.clone(),
+            port: n.port,
+            user: n.user.clone().unwrap_or_else(|| config.control.user.clone()),
+            password: n.password.clone().or_else(|| control.map(|u| u.password.clone())),
+            database: n.dbname.clone().unwrap_or_else(|| map.database.clone()),
+        })
+        .collect()
+}
+
+pub fn build_frontend(config: &Config, map: &ShardMap, fresh: SharedFreshness) -> Result<Frontend, AppError> {
     let users = config
         .users
         .iter()
@@ -74,17 +111,16 @@ pub fn build_frontend(config: &Config, map: &ShardMap) -> Result<Frontend, AppEr
         max_message_size: config.limits.max_message_size,
         login_timeout: config.limits.login_timeout,
         database: map.database.clone(),
+        read_your_writes: config.routing.read_your_writes,
     };
     Ok(Frontend {
         settings,
         users,
         decoy: ScramSecret::new("decoy"),
-        node: BackendNode {
-            host: primary.host.clone(),
-            port: primary.port,
-            user: primary.user.clone(),
-            password: primary.password.clone(),
-        },
+        nodes: shard_nodes(map).into_iter().map(backend_node).collect(),
+        fresh,
+        analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
+        route_counter: Default::default(),
         pools: Pools::default(),
         statements: Default::default(),
         cancels: Default::default(),
@@ -120,7 +156,9 @@ fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppErr
 
 /// Binds and starts the proxy in the current tokio runtime.
 pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppError> {
-    let frontend = Arc::new(build_frontend(config, map)?);
+    let nodes = monitor_nodes(config, map);
+    let fresh: SharedFreshness = Arc::new(ArcSwap::from_pointee(monitor::initial_freshness(&nodes)));
+    let frontend = Arc::new(build_frontend(config, map, fresh.clone())?);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| AppError::Bind(config.listen, e))?;
@@ -129,6 +167,13 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         .map_err(|e| AppError::Bind(config.listen, e))?;
     let (tx, rx) = watch::channel(false);
     let reaper = spawn_reaper(frontend.clone(), config.pool.idle_timeout, rx.clone());
+    let settings = MonitorSettings {
+        interval: config.routing.lag_check_interval,
+        max_lag: config.routing.max_replica_lag,
+        max_lag_bytes: config.routing.max_replica_lag_bytes,
+        connect_timeout: config.pool.connect_timeout,
+    };
+    let monitor = monitor::spawn_monitor(nodes, settings, fresh);
     let listener = Listener {
         listener,
         fe: frontend.clone(),
@@ -145,6 +190,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         frontend,
         shutdown: tx,
         task,
+        _monitor: monitor,
     })
 }
 

@@ -6,3 +6,6 @@ pub mod frontend;
 pub mod local_cluster;
 pub mod protocol;
 pub mod shard_map;
+pub mod topology;
+pub mod routing;
+pub mod control;

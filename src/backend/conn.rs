@@ -241,6 +241,28 @@ impl ServerConn {
         self.read_until_ready(false).await
     }
 
+    /// Runs a one-row, one-column query for the proxy's own use (e.g. the WAL position
+    /// after a write) and returns the value as text.
+    pub async fn query_scalar(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.wr.write_all(&out).await?;
+        let mut value = None;
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                btag::DATA_ROW if value.is_none() => value = first_column(frame.body()),
+                btag::ERROR_RESPONSE => error = Some(server_error(&frame)),
+                btag::READY_FOR_QUERY => {
+                    self.txn_status = frame.body().first().copied().unwrap_or(b'I');
+                    return error.map_or(Ok(value), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Resets everything a client may have left behind, so the connection can serve
     /// anyone: ends a transaction, then DISCARD ALL when untracked state exists.
     pub async fn reset(&mut self) -> Result<(), BackendError> {
@@ -262,6 +284,19 @@ impl ServerConn {
         messages::empty_msg(&mut out, b'X');
         let _ = tokio::time::timeout(Duration::from_millis(100), self.wr.write_all(&out)).await;
     }
+}
+
+/// The first column of a DataRow body as text (NULL -> None).
+fn first_column(mut body: &[u8]) -> Option<String> {
+    if body.len() < 6 {
+        return None;
+    }
+    body.advance(2);
+    let len = body.get_i32();
+    if len < 0 || body.len() < len as usize {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&body[..len as usize]).into_owned())
 }
 
 fn server_error(frame: &Frame) -> BackendError {

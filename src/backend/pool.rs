@@ -4,6 +4,7 @@
 //! caches, and the oldest ones age out under low load).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub struct Pool {
     /// A std Mutex, not a tokio one: it is held only to push or pop, never across .await.
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
+    /// Connections on loan right now: the "outstanding work" reads are balanced by.
+    outstanding: AtomicUsize,
     /// ParameterStatus values from the first successful connection, shown to clients
     /// at login (server_version, encodings, DateStyle...).
     server_params: Mutex<Option<ServerParams>>,
@@ -50,6 +53,7 @@ impl Pool {
             target,
             settings,
             idle: Mutex::new(Vec::new()),
+            outstanding: AtomicUsize::new(0),
             server_params: Mutex::new(None),
         })
     }
@@ -68,6 +72,7 @@ impl Pool {
                 conn
             }
         };
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
         Ok(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
@@ -126,6 +131,10 @@ impl Pool {
         }
     }
 
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
@@ -151,6 +160,18 @@ impl PooledConn {
 
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        self.pool.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take() {
+            // Not released: closed, never pooled.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(conn.terminate());
+            }
+        }
     }
 }
 

@@ -11,10 +11,13 @@ pub mod startup;
 pub mod stream;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use crate::backend::{PoolSettings, Pools, ServerTarget};
 use crate::protocol::scram::ScramSecret;
+use crate::routing::cache::AnalysisCache;
+use crate::topology::SharedFreshness;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolMode {
@@ -32,6 +35,8 @@ pub struct FrontendSettings {
     pub login_timeout: Duration,
     /// The backend database name clients must ask for.
     pub database: String,
+    /// DESIGN 5.3: after a write commits, reads wait for replicas that replayed it.
+    pub read_your_writes: bool,
 }
 
 /// A user clients may log in as. The password is kept to authenticate to servers
@@ -41,7 +46,7 @@ pub struct ClientUser {
     pub scram: ScramSecret,
 }
 
-/// The node that serves a database for now: the default shard's primary.
+/// A node of the (default) shard: index 0 the primary, then the replicas.
 #[derive(Debug, Clone)]
 pub struct BackendNode {
     pub host: String,
@@ -58,7 +63,13 @@ pub struct Frontend {
     /// Used for unknown users, so they go through the same exchange and fail the same
     /// way as a wrong password (no user enumeration).
     pub decoy: ScramSecret,
-    pub node: BackendNode,
+    pub nodes: Vec<BackendNode>,
+    /// Node health and lag, published by the monitor.
+    pub fresh: SharedFreshness,
+    /// Simple-query analysis by statement text.
+    pub analysis: AnalysisCache,
+    /// Rotates ties between equally loaded replicas.
+    pub route_counter: AtomicUsize,
     pub pools: Pools,
     pub statements: prepared::StatementRegistry,
     pub cancels: cancel::CancelRegistry,
@@ -68,16 +79,15 @@ pub struct Frontend {
 impl Frontend {
     /// The server identity a client's pool connects with: credentials from the node
     /// address when it has them, otherwise the client's own.
-    pub fn server_target(&self, user: &str) -> ServerTarget {
-        let password = self
-            .node
+    pub fn server_target(&self, user: &str, node: &BackendNode) -> ServerTarget {
+        let password = node
             .password
             .clone()
             .or_else(|| self.users.get(user).map(|u| u.password.clone()));
         ServerTarget {
-            host: self.node.host.clone(),
-            port: self.node.port,
-            user: self.node.user.clone().unwrap_or_else(|| user.to_owned()),
+            host: node.host.clone(),
+            port: node.port,
+            user: node.user.clone().unwrap_or_else(|| user.to_owned()),
             password,
             database: self.settings.database.clone(),
         }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::session_sql::{self, SessionEffects};
+use crate::routing::analyze::{self, Analyzed};
 
 /// Above this many distinct statement texts the registry starts over. Statements held
 /// by sessions stay valid (they own an Arc); a re-registered text just gets a new id.
@@ -23,6 +24,7 @@ pub struct PreparedStatement {
     pub param_types: Vec<u32>,
     /// Analysis done once per statement text, not per execution.
     pub effects: SessionEffects,
+    pub analyzed: Arc<Analyzed>,
     /// Some server accepted this Parse: later Parses of it can be answered by the
     /// proxy without borrowing a server connection (the statement is created on a
     /// connection when a Bind or Describe needs it).
@@ -71,6 +73,7 @@ impl StatementRegistry {
             query: key.0.clone(),
             param_types: key.1.clone(),
             effects: session_sql::analyze(query),
+            analyzed: Arc::new(analyze::analyze(query)),
             validated: AtomicBool::new(false),
         });
         reg.by_text.insert(key, stmt.clone());

@@ -318,8 +318,12 @@ async fn run_session(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stream = stream;
-    let pool = fe.pools.get(&fe.server_target(&user), &fe.settings.pool);
-    let server_params = match pool.server_params().await {
+    let pools: Vec<_> = fe
+        .nodes
+        .iter()
+        .map(|node| fe.pools.get(&fe.server_target(&user, node), &fe.settings.pool))
+        .collect();
+    let server_params = match pools[0].server_params().await {
         Ok(p) => p,
         Err(error) => {
             let error = LoginError::Refused(
@@ -343,7 +347,7 @@ async fn run_session(
     }
     let init = SessionInit {
         fe: fe.clone(),
-        pool,
+        pools,
         params,
         cancel: cancel.slot.clone(),
         shutdown,

@@ -34,17 +34,30 @@ where
                 self.sout.extend_from_slice(&frame.raw);
                 continue;
             }
+            self.on_client_frame(&frame).await?;
+            if frame.tag == tag::TERMINATE {
+                return Ok(Flow::Stop);
+            }
+            if let Some(frames) = self.replay.as_mut() {
+                frames.push(frame.raw.clone());
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_client_frame(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        {
             match frame.tag {
-                tag::QUERY => self.on_query(&frame).await?,
-                tag::PARSE => self.on_parse(&frame).await?,
-                tag::BIND => self.on_bind(&frame).await?,
-                tag::DESCRIBE => self.on_describe(&frame).await?,
-                tag::CLOSE => self.on_close(&frame).await?,
+                tag::QUERY => self.on_query(frame).await?,
+                tag::PARSE => self.on_parse(frame).await?,
+                tag::BIND => self.on_bind(frame).await?,
+                tag::DESCRIBE => self.on_describe(frame).await?,
+                tag::CLOSE => self.on_close(frame).await?,
                 tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
-                tag::SYNC => self.on_sync(&frame),
-                tag::EXECUTE => self.forward_needing_server(&frame, Expect::Execute).await?,
+                tag::SYNC => self.on_sync(frame),
+                tag::EXECUTE => self.forward_needing_server(frame, Expect::Execute).await?,
                 tag::FUNCTION_CALL => {
-                    self.forward_needing_server(&frame, Expect::FunctionCall)
+                    self.forward_needing_server(frame, Expect::FunctionCall)
                         .await?
                 }
                 tag::COPY_DONE | tag::COPY_FAIL => {
@@ -77,10 +90,16 @@ where
 
     /// Queues an answer the proxy gives itself, after everything already owed.
     fn push_synthetic(&mut self, bytes: &'static [u8]) {
+        self.push_synthetic_bytes(Bytes::from_static(bytes));
+    }
+
+    fn push_synthetic_bytes(&mut self, bytes: Bytes) {
+        // Answered by us: running the transaction again elsewhere would answer twice.
+        self.replay = None;
         if self.ops.is_empty() {
-            self.cout.extend_from_slice(bytes);
+            self.cout.extend_from_slice(&bytes);
         } else {
-            self.push(Op::Synthetic(Bytes::from_static(bytes)));
+            self.push(Op::Synthetic(bytes));
         }
     }
 
@@ -96,8 +115,21 @@ where
     }
 
     async fn on_query(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let effects = session_sql::analyze(messages::decode_query(frame)?);
-        self.ensure_server().await?;
+        let sql = messages::decode_query(frame)?;
+        let analyzed = self.fe.analysis.get_or_analyze(sql);
+        if let Some(mode) = analyzed.set_target {
+            // `SET shardgate.target` is ours: answered here, never sent to a server.
+            self.route.mode = mode;
+            let status = self.server.as_ref().map_or(b'I', |c| c.txn_status);
+            let mut answer = bytes::BytesMut::new();
+            messages::command_complete(&mut answer, "SET");
+            messages::ready_for_query(&mut answer, status);
+            self.push_synthetic_bytes(answer.freeze());
+            return Ok(());
+        }
+        let effects = session_sql::analyze(sql);
+        self.ensure_server(Some(&analyzed)).await?;
+        self.note_statement(&analyzed);
         if let Some(conn) = self.server.as_mut() {
             conn.tainted |= effects.taints;
         }
@@ -118,7 +150,7 @@ where
             self.push_synthetic(PARSE_COMPLETE);
             return Ok(());
         }
-        self.ensure_server().await?;
+        self.ensure_server(Some(&stmt.analyzed)).await?;
         let Some(conn) = self.server.as_mut() else {
             return Ok(());
         };
@@ -197,8 +229,12 @@ where
 
     async fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let bind = messages::decode_bind(frame)?;
-        self.ensure_server().await?;
-        match self.client_statement(bind.statement) {
+        let stmt = self.client_statement(bind.statement);
+        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed)).await?;
+        if let Some(stmt) = &stmt {
+            self.note_statement(&stmt.analyzed);
+        }
+        match stmt {
             // Unknown to us: let the server report "does not exist".
             None => self.sout.extend_from_slice(&frame.raw),
             Some(stmt) => {
@@ -221,8 +257,9 @@ where
 
     async fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let (kind, name) = messages::decode_target(frame)?;
-        self.ensure_server().await?;
-        match (kind, self.client_statement(name)) {
+        let stmt = if kind == b'S' { self.client_statement(name) } else { None };
+        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed)).await?;
+        match (kind, stmt) {
             (b'S', Some(stmt)) if !name.is_empty() => {
                 self.prepare_on_server(&stmt, false);
                 messages::target_renamed(&mut self.sout, tag::DESCRIBE, b'S', &stmt.server_name);

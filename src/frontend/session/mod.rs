@@ -26,6 +26,8 @@ use super::session_sql::SessionEffect;
 use super::{Frontend, PoolMode};
 use crate::backend::params::SessionParams;
 use crate::backend::{BackendError, Pool, PooledConn};
+use crate::routing::analyze::{Analyzed, StatementClass};
+use crate::routing::route::{self, SessionRoute, PRIMARY};
 use crate::protocol::messages;
 use crate::protocol::ProtocolError;
 
@@ -89,8 +91,20 @@ pub struct Session<R, W> {
     cbuf: BytesMut,
     cout: BytesMut,
     sout: BytesMut,
-    pool: Arc<Pool>,
+    /// One pool per node of the shard (index 0 the primary).
+    pools: Vec<Arc<Pool>>,
     server: Option<PooledConn>,
+    /// The node the held server connection belongs to.
+    server_node: usize,
+    route: SessionRoute,
+    /// Nodes that failed during the current transaction (bit per node index).
+    failed_nodes: u64,
+    /// While a replica serves a read and nothing of its answer has reached the client,
+    /// the client frames of the transaction so far: if the replica fails now, they are
+    /// run again elsewhere and the client never notices.
+    replay: Option<Vec<Bytes>>,
+    /// The current loan ran a statement that writes: learn the WAL position at release.
+    hold_wrote: bool,
     ops: VecDeque<Op>,
     /// After an error in an extended-protocol batch the server ignores everything up
     /// to Sync; so do we.
@@ -111,7 +125,7 @@ pub struct Session<R, W> {
 
 pub struct SessionInit {
     pub fe: Arc<Frontend>,
-    pub pool: Arc<Pool>,
+    pub pools: Vec<Arc<Pool>>,
     pub params: SessionParams,
     pub cancel: Arc<CancelSlot>,
     pub shutdown: watch::Receiver<bool>,
@@ -130,8 +144,13 @@ where
             cbuf: leftover,
             cout: BytesMut::with_capacity(16 * 1024),
             sout: BytesMut::with_capacity(4 * 1024),
-            pool: init.pool,
+            pools: init.pools,
             server: None,
+            server_node: PRIMARY,
+            route: SessionRoute::default(),
+            failed_nodes: 0,
+            replay: None,
+            hold_wrote: false,
             ops: VecDeque::new(),
             skipping: false,
             statements: HashMap::new(),
@@ -163,21 +182,57 @@ where
 
     async fn query_loop(&mut self) -> Result<(), SessionError> {
         loop {
-            if let Flow::Stop = self.process_client_frames().await? {
-                return Ok(());
-            }
-            self.process_server_frames()?;
-            self.maybe_release().await;
-            if self.server.is_none() && *self.shutdown.borrow() {
-                return Err(self.shutting_down());
-            }
-            match self.wait_io().await? {
-                Event::ClientRead(0) => return Ok(()),
-                Event::ServerRead(0) => return Err(BackendError::Closed.into()),
-                Event::Shutdown => return Err(self.shutting_down()),
-                Event::ClientRead(_) | Event::ServerRead(_) | Event::Wrote => {}
+            match self.step().await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return Ok(()),
+                Err(SessionError::Backend(error)) if self.replay.is_some() => {
+                    tracing::warn!(%error, node = self.server_node, "replica failed before answering; retrying the read elsewhere");
+                    self.retry_elsewhere();
+                }
+                Err(error) => return Err(error),
             }
         }
+    }
+
+    async fn step(&mut self) -> Result<Flow, SessionError> {
+        if let Flow::Stop = self.process_client_frames().await? {
+            return Ok(Flow::Stop);
+        }
+        self.process_server_frames()?;
+        self.maybe_release().await;
+        if self.server.is_none() && *self.shutdown.borrow() {
+            return Err(self.shutting_down());
+        }
+        match self.wait_io().await? {
+            Event::ClientRead(0) => Ok(Flow::Stop),
+            Event::ServerRead(0) => Err(BackendError::Closed.into()),
+            Event::Shutdown => Err(self.shutting_down()),
+            Event::ClientRead(_) | Event::ServerRead(_) | Event::Wrote => Ok(Flow::Continue),
+        }
+    }
+
+    /// The replica died before any of its answer reached the client: forget that
+    /// connection and feed the transaction's client frames through again, so routing
+    /// picks another node (never this one) and the client sees one clean answer.
+    fn retry_elsewhere(&mut self) {
+        let Some(frames) = self.replay.take() else {
+            return;
+        };
+        self.failed_nodes |= 1 << self.server_node.min(63);
+        self.server = None;
+        self.cancel.set(None);
+        self.ops.clear();
+        self.sout.clear();
+        self.pending.clear();
+        self.skipping = false;
+        self.copy_in = false;
+        self.txn_failed = false;
+        let mut again = BytesMut::with_capacity(frames.iter().map(|f| f.len()).sum::<usize>() + self.cbuf.len());
+        for frame in &frames {
+            again.extend_from_slice(frame);
+        }
+        again.extend_from_slice(&self.cbuf);
+        self.cbuf = again;
     }
 
     fn shutting_down(&mut self) -> SessionError {
@@ -223,15 +278,18 @@ where
 
     /// Borrows a server connection for this client if it has none, and brings the
     /// connection's session settings in line with the client's.
-    async fn ensure_server(&mut self) -> Result<(), SessionError> {
+    async fn ensure_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
         if self.server.is_none() {
-            let conn = self.pool.acquire().await?;
+            let (node, conn) = self.acquire_routed(analyzed).await?;
             self.cancel.set(Some(CancelTarget {
                 host: conn.host.clone(),
                 port: conn.port,
                 key: conn.backend_key,
             }));
             self.server = Some(conn);
+            self.server_node = node;
+            self.hold_wrote = false;
+            self.replay = (node != PRIMARY).then(Vec::new);
         }
         let Some(conn) = self.server.as_mut() else {
             return Ok(());
@@ -245,6 +303,47 @@ where
             conn.applied = self.params.clone();
         }
         Ok(())
+    }
+
+    /// Routes (DESIGN 5.1-5.3) and borrows a connection; a replica that cannot be
+    /// reached is skipped for this transaction and routing runs again.
+    async fn acquire_routed(&mut self, analyzed: Option<&Analyzed>) -> Result<(usize, PooledConn), SessionError> {
+        let primary_only = Analyzed {
+            class: StatementClass::Write,
+            hint: None,
+            set_target: None,
+            parsed: true,
+        };
+        let analyzed = analyzed.unwrap_or(&primary_only);
+        loop {
+            let fresh = self.fe.fresh.load();
+            let load: Vec<usize> = self.pools.iter().map(|p| p.outstanding()).collect();
+            let tiebreak = self.fe.route_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let decision = route::route(analyzed, &self.route, &fresh, &load, self.failed_nodes, tiebreak);
+            let node = decision.node.min(self.pools.len() - 1);
+            match self.pools[node].acquire().await {
+                Ok(conn) => return Ok((node, conn)),
+                Err(error) if node != PRIMARY => {
+                    tracing::warn!(%error, node, "replica unavailable; routing again");
+                    self.failed_nodes |= 1 << node.min(63);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    /// Notes what a statement about to run on the held connection means for routing.
+    fn note_statement(&mut self, analyzed: &Analyzed) {
+        if matches!(analyzed.class, StatementClass::Write | StatementClass::Utility) {
+            self.hold_wrote = true;
+        }
+        if let Some(frames) = self.replay.as_mut() {
+            if !route::is_read(analyzed.class) && analyzed.class != StatementClass::TxnControl {
+                // Not a plain read: never run it twice.
+                let _ = frames;
+                self.replay = None;
+            }
+        }
     }
 
     /// Transaction pooling: give the server back as soon as it is idle and we owe
@@ -276,6 +375,25 @@ where
             return;
         };
         self.cancel.set(None);
+        self.replay = None;
+        self.failed_nodes = 0;
+        if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
+            // One extra round trip per writing transaction: the position at or past
+            // this session's commit, which replicas must replay before it reads there.
+            match conn.query_scalar("SELECT pg_current_wal_insert_lsn()::text").await {
+                Ok(Some(lsn)) => {
+                    if let Some(lsn) = crate::topology::parse_lsn(&lsn) {
+                        self.route.min_lsn = self.route.min_lsn.max(lsn);
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "reading the WAL position failed; closing the connection");
+                    return;
+                }
+            }
+        }
+        self.hold_wrote = false;
         let reset = tokio::time::timeout(self.fe.settings.pool.acquire_timeout, conn.reset()).await;
         match reset {
             Ok(Ok(())) => conn.release(),

@@ -7,6 +7,7 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Expect, Op, Session, SessionError};
+use crate::backend::BackendError;
 use crate::backend::conn::MAX_SERVER_MESSAGE;
 use crate::backend::params::SessionParams;
 use crate::frontend::session_sql::SessionEffect;
@@ -27,12 +28,26 @@ where
                 return Ok(());
             };
             let status = conn.rbuf.get(5).copied().unwrap_or(b'I');
+            if header.tag == btag::ERROR_RESPONSE && self.replay.is_some() {
+                // A replica shutting down or crashing says so before closing; while
+                // nothing reached the client yet, that is a retry, not the answer.
+                let frame = crate::protocol::Frame {
+                    tag: header.tag,
+                    raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+                };
+                let (code, message) = crate::protocol::messages::decode_error_fields(&frame);
+                if code.starts_with("57P") || code.starts_with("08") {
+                    return Err(BackendError::Server { code, message }.into());
+                }
+            }
             let forward = self.on_server_message(header.tag, status);
             let Some(conn) = self.server.as_mut() else {
                 return Ok(());
             };
             if forward {
                 self.cout.extend_from_slice(&conn.rbuf[..header.len]);
+                // The client has seen part of the answer: no silent retry from now on.
+                self.replay = None;
             }
             if header.tag == btag::COMMAND_COMPLETE
                 && conn.rbuf[5..header.len].starts_with(b"ROLLBACK")

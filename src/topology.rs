@@ -1,0 +1,86 @@
+//! The immutable snapshots the data path reads and the control plane publishes: for
+//! now, the freshness of each node of the (single, default) shard. Sessions load one
+//! snapshot per routing decision (`arc_swap`, no lock); the monitor builds a new one
+//! every `lag_check_interval` and swaps it in.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// Why a node gets no reads right now (shown by the admin console, logged on change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exclusion {
+    /// No probe has completed yet.
+    Unknown,
+    /// The last probe failed (connect or query error); retried with backoff.
+    Down(String),
+    /// The node is not in recovery: it is not a replica (or was promoted).
+    NotReplica,
+    /// Replay is further behind than `max_replica_lag` / `max_replica_lag_bytes`, or
+    /// has not yet come back under the re-admission threshold (hysteresis).
+    Lagging { bytes: u64, millis: u64 },
+}
+
+/// One node as the monitor last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFreshness {
+    /// "host:port", for logs and the console.
+    pub addr: String,
+    pub healthy: bool,
+    pub in_recovery: bool,
+    /// Primary: current WAL insert position. Replica: last replayed position.
+    pub lsn: u64,
+    /// Replica only: bytes of WAL behind the primary's position at probe time.
+    pub lag_bytes: u64,
+    /// Replica only: 0 when it has replayed everything it received.
+    pub lag_millis: u64,
+    /// None when the node may serve reads (replicas only; the primary always may).
+    pub excluded: Option<Exclusion>,
+}
+
+/// Freshness of one shard's nodes: index 0 is the primary, 1.. the replicas, in map order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Freshness {
+    pub nodes: Vec<NodeFreshness>,
+    /// Increases with every published snapshot.
+    pub generation: u64,
+}
+
+impl Freshness {
+    /// Replicas that may serve reads, as node indexes (never 0).
+    pub fn eligible_replicas(&self) -> impl Iterator<Item = (usize, &NodeFreshness)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, n)| n.healthy && n.excluded.is_none())
+    }
+}
+
+/// Where the control plane publishes and the data path reads.
+pub type SharedFreshness = Arc<ArcSwap<Freshness>>;
+
+/// Parses a PostgreSQL LSN ("16/B374D848") into a byte position.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    Some((hi << 32) | lo)
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("x"), None);
+    }
+}
