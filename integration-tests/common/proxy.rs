@@ -20,6 +20,10 @@ pub struct ProxyOptions {
     /// (cert, key) PEM paths.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub shutdown_grace: &'static str,
+    pub max_replica_lag: &'static str,
+    pub max_replica_lag_bytes: &'static str,
+    pub lag_check_interval: &'static str,
+    pub read_your_writes: bool,
 }
 
 impl Default for ProxyOptions {
@@ -32,6 +36,10 @@ impl Default for ProxyOptions {
             acquire_timeout: "5s",
             tls: None,
             shutdown_grace: "10s",
+            max_replica_lag: "1s",
+            max_replica_lag_bytes: "16MB",
+            lag_check_interval: "100ms",
+            read_your_writes: true,
         }
     }
 }
@@ -133,13 +141,17 @@ pub fn write_config(
         None => String::new(),
     };
     let config = format!(
-        "listen: {listen}\n{tls}pool: {{ mode: {}, size: {}, acquire_timeout: {} }}\nlimits: {{ max_client_connections: {}, max_message_size: {}, shutdown_grace: {} }}\nusers:\n  - {{ name: {}, password: {} }}\nshard_map: map.yaml\n",
+        "listen: {listen}\n{tls}pool: {{ mode: {}, size: {}, acquire_timeout: {} }}\nlimits: {{ max_client_connections: {}, max_message_size: {}, shutdown_grace: {} }}\nrouting: {{ max_replica_lag: {}, max_replica_lag_bytes: {}, lag_check_interval: {}, read_your_writes: {} }}\nusers:\n  - {{ name: {}, password: {} }}\nshard_map: map.yaml\n",
         opts.pool_mode,
         opts.pool_size,
         opts.acquire_timeout,
         opts.max_client_connections,
         opts.max_message_size,
         opts.shutdown_grace,
+        opts.max_replica_lag,
+        opts.max_replica_lag_bytes,
+        opts.lag_check_interval,
+        opts.read_your_writes,
         cluster.app_user,
         cluster.app_password,
     );

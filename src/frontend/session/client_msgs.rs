@@ -73,7 +73,7 @@ where
                         self.sout.extend_from_slice(&frame.raw);
                     }
                 }
-                tag::TERMINATE => return Ok(Flow::Stop),
+                tag::TERMINATE => {}
                 _ => {
                     return Err(
                         ProtocolError::Malformed("unsupported frontend message type").into(),
@@ -81,7 +81,7 @@ where
                 }
             }
         }
-        Ok(Flow::Continue)
+        Ok(())
     }
 
     fn push(&mut self, op: Op) {
@@ -108,7 +108,8 @@ where
         frame: &Frame,
         expect: Expect,
     ) -> Result<(), SessionError> {
-        self.ensure_server().await?;
+        // Execute and FunctionCall without a held server: the primary.
+        self.ensure_server(None).await?;
         self.sout.extend_from_slice(&frame.raw);
         self.push(Op::Forward(expect));
         Ok(())

@@ -1,0 +1,197 @@
+//! Read/write splitting against a real primary and two streaming replicas: reads on
+//! fresh replicas, writes and read-write transactions on the primary, hints, lag-based
+//! exclusion, read-your-writes, and reads surviving a replica crash.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::proxy::{start_proxy, ProxyOptions, TestProxy};
+use common::{own_cluster, shared_cluster, superuser_client, unique_name, TestCluster};
+
+async fn port_of(client: &tokio_postgres::Client, sql: &str) -> u16 {
+    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no port"))
+}
+
+fn replica_ports(c: &TestCluster) -> HashSet<u16> {
+    c.replicas.iter().map(|(_, p)| *p).collect()
+}
+
+/// Waits until the monitor has seen every replica fresh: reads then reach all of them.
+async fn wait_replicas_serving(proxy: &TestProxy, ports: &HashSet<u16>) {
+    let client = proxy.client().await;
+    let mut seen = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ports.iter().all(|p| seen.contains(p)) {
+        assert!(std::time::Instant::now() < deadline, "reads never reached every replica: saw {seen:?}");
+        seen.insert(port_of(&client, "SELECT inet_server_port()").await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_over_replicas_and_writes_go_to_the_primary() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let replicas = replica_ports(cluster);
+    wait_replicas_serving(&proxy, &replicas).await;
+    let client = proxy.client().await;
+    let mut seen = HashSet::new();
+    for _ in 0..40 {
+        let port = port_of(&client, "SELECT inet_server_port()").await;
+        assert!(replicas.contains(&port), "a read ran on {port}");
+        seen.insert(port);
+        // The extended protocol routes the same way.
+        let row = client.query_one("SELECT inet_server_port()", &[]).await.unwrap();
+        assert!(replicas.contains(&(row.get::<_, i32>(0) as u16)));
+    }
+    assert_eq!(seen, replicas, "reads use both replicas");
+    let table = unique_name("rw");
+    client.batch_execute(&format!("CREATE TABLE {table} (id serial, port int)")).await.unwrap();
+    let primary = cluster.primary.1;
+    let sql = format!("INSERT INTO {table} (port) VALUES (inet_server_port()) RETURNING port");
+    assert_eq!(port_of(&client, &sql).await, primary);
+    let sql = format!("SELECT inet_server_port() FROM {table} LIMIT 1 FOR UPDATE");
+    assert_eq!(port_of(&client, &sql).await, primary);
+    assert_eq!(port_of(&client, "SELECT inet_server_port() FROM (SELECT nextval('{table}_id_seq')) s").await, primary);
+    let sql = format!("WITH moved AS (DELETE FROM {table} RETURNING port) SELECT inet_server_port() FROM moved");
+    assert_eq!(port_of(&client, &sql).await, primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_and_hints_pick_their_node() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let replicas = replica_ports(cluster);
+    let primary = cluster.primary.1;
+    wait_replicas_serving(&proxy, &replicas).await;
+    let client = proxy.client().await;
+
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(port_of(&client, "SELECT inet_server_port()").await, primary);
+    client.batch_execute("COMMIT").await.unwrap();
+    for begin in ["BEGIN READ ONLY", "START TRANSACTION READ ONLY", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"] {
+        client.batch_execute(begin).await.unwrap();
+        let first = port_of(&client, "SELECT inet_server_port()").await;
+        assert!(replicas.contains(&first), "{begin}: {first}");
+        // The transaction stays on the node its first statement chose.
+        for _ in 0..5 {
+            assert_eq!(port_of(&client, "SELECT inet_server_port()").await, first);
+        }
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+
+    assert_eq!(port_of(&client, "/* shardgate: primary */ SELECT inet_server_port()").await, primary);
+    client.batch_execute("SET shardgate.target = 'primary'").await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(port_of(&client, "SELECT inet_server_port()").await, primary);
+    }
+    let hinted = port_of(&client, "/* shardgate: replica */ SELECT inet_server_port()").await;
+    assert!(replicas.contains(&hinted));
+    client.batch_execute("SET shardgate.target TO auto").await.unwrap();
+    assert!(replicas.contains(&port_of(&client, "SELECT inet_server_port()").await));
+}
+
+async fn pause(c: &TestCluster, port: u16, on: bool) {
+    let su = superuser_client(c, port, "postgres").await;
+    let f = if on { "pg_wal_replay_pause" } else { "pg_wal_replay_resume" };
+    su.batch_execute(&format!("SELECT {f}()")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_their_writes() {
+    let cluster = own_cluster(2);
+    let replicas = replica_ports(&cluster);
+    let (paused, other) = (cluster.replicas[0].1, cluster.replicas[1].1);
+    let opts = ProxyOptions { max_replica_lag: "500ms", lag_check_interval: "100ms", ..Default::default() };
+    let proxy = start_proxy(&cluster, opts).await;
+    wait_replicas_serving(&proxy, &replicas).await;
+    let direct = superuser_client(&cluster, cluster.primary.1, &cluster.database).await;
+    let table = unique_name("lag");
+    direct.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
+    let writer = tokio::spawn(async move {
+        for i in 0..100_000 {
+            if direct.execute(&format!("INSERT INTO {table} VALUES ({i})"), &[]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    pause(&cluster, paused, true).await;
+    // The contract: within max_replica_lag + 2 check intervals, no more reads there.
+    tokio::time::sleep(Duration::from_millis(500 + 2 * 100)).await;
+    let client = proxy.client().await;
+    for _ in 0..40 {
+        let port = port_of(&client, "SELECT inet_server_port()").await;
+        assert_ne!(port, paused, "a read reached the paused replica");
+        assert_eq!(port, other);
+    }
+    pause(&cluster, paused, false).await;
+    wait_replicas_serving(&proxy, &replicas).await;
+    writer.abort();
+
+    // Read-your-writes: both replicas paused but within a generous lag limit.
+    drop(client);
+    let opts = ProxyOptions { max_replica_lag: "1h", max_replica_lag_bytes: "1GB", ..Default::default() };
+    let proxy = start_proxy(&cluster, opts).await;
+    wait_replicas_serving(&proxy, &replicas).await;
+    for (_, port) in &cluster.replicas {
+        pause(&cluster, *port, true).await;
+    }
+    let table = unique_name("ryw");
+    let writer = proxy.client().await;
+    writer.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
+    for i in 0..300 {
+        writer.batch_execute(&format!("INSERT INTO {table} VALUES ({i})")).await.unwrap();
+        let row = writer.query_one(&format!("SELECT count(*) FROM {table} WHERE v = $1"), &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), 1, "insert {i} not visible to its own session");
+    }
+    // A session that never wrote still reads from the (paused, but within limits) replicas.
+    let reader = proxy.client().await;
+    for _ in 0..10 {
+        assert!(replicas.contains(&port_of(&reader, "SELECT inet_server_port()").await));
+    }
+    for (_, port) in &cluster.replicas {
+        pause(&cluster, *port, false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_survive_a_replica_crash() {
+    let cluster = own_cluster(2);
+    let replicas = replica_ports(&cluster);
+    let proxy = start_proxy(&cluster, ProxyOptions::default()).await;
+    wait_replicas_serving(&proxy, &replicas).await;
+    // Warm pooled connections to both replicas so some are idle when one dies.
+    let clients: Vec<_> = futures_util::future::join_all((0..4).map(|_| proxy.client())).await;
+    for c in &clients {
+        port_of(c, "SELECT inet_server_port()").await;
+    }
+    let local = cluster.local.as_ref().expect("own cluster is local");
+    local.kill_node(&local.replicas()[0]);
+    let mut errors = 0;
+    let mut ports = HashSet::new();
+    for i in 0..100 {
+        let c = &clients[i % clients.len()];
+        match c.simple_query("SELECT inet_server_port()").await {
+            Ok(rows) => {
+                if let Some(tokio_postgres::SimpleQueryMessage::Row(r)) = rows.first() {
+                    ports.insert(r.get(0).unwrap_or_default().to_string());
+                }
+            }
+            Err(e) => {
+                eprintln!("read {i} failed: {e}");
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(errors, 0);
+    assert!(!ports.contains(&cluster.replicas[0].1.to_string()));
+}

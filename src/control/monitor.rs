@@ -1,0 +1,400 @@
+//! The node monitor (DESIGN 5.2): every `lag_check_interval` it probes every node of
+//! the shard over a control connection (tokio-postgres), works out role, health, WAL
+//! position and lag, and publishes a new immutable `Freshness` snapshot that sessions
+//! read without locks.
+//!
+//! Lag in time is measured against the primary's own history, not against
+//! `pg_last_xact_replay_timestamp()` (which on an idle primary grows forever): the
+//! monitor remembers when it first saw the primary at each WAL position, and a
+//! replica that has replayed up to L is as far behind as the time since the primary
+//! was first seen past L. It is zero when the replica has replayed everything it
+//! received, or everything the primary had. Lag in bytes is the primary's position
+//! minus the replica's replay position.
+//!
+//! Hysteresis: a replica excluded for lag is re-admitted only once both lags are
+//! under half their limits, so a replica hovering at the limit does not flap.
+//! A node whose probe fails is marked down and retried with exponential backoff
+//! (one interval, doubling, at most `MAX_BACKOFF`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::topology::{parse_lsn, Exclusion, Freshness, NodeFreshness, SharedFreshness};
+
+/// Longest wait between probes of a node that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Primary positions remembered for time lag, at most.
+const MAX_HISTORY: usize = 1 << 16;
+
+/// Role, position and receive position in one round trip. On a primary the
+/// receive position is NULL.
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
+     pg_last_wal_receive_lsn()::text";
+
+/// How the monitor reaches one node: index 0 of the list is the primary.
+#[derive(Debug, Clone)]
+pub struct MonitorNode {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl MonitorNode {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MonitorSettings {
+    pub interval: Duration,
+    pub max_lag: Duration,
+    pub max_lag_bytes: u64,
+    /// Bounds connecting and each probe query.
+    pub connect_timeout: Duration,
+}
+
+/// Stops the monitor when dropped.
+pub struct MonitorHandle {
+    task: JoinHandle<()>,
+}
+
+impl Drop for MonitorHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub in_recovery: bool,
+    /// Primary: current WAL position. Replica: last replayed position.
+    pub lsn: u64,
+    /// Replica: last position received from the primary.
+    pub received: Option<u64>,
+}
+
+/// The snapshot before any probe: the primary takes everything, replicas nothing.
+pub fn initial_freshness(nodes: &[MonitorNode]) -> Freshness {
+    let nodes = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NodeFreshness {
+            addr: n.addr(),
+            healthy: i == 0,
+            in_recovery: i != 0,
+            lsn: 0,
+            lag_bytes: 0,
+            lag_millis: 0,
+            excluded: (i != 0).then_some(Exclusion::Unknown),
+        })
+        .collect();
+    Freshness {
+        nodes,
+        generation: 0,
+    }
+}
+
+pub fn spawn_monitor(
+    nodes: Vec<MonitorNode>,
+    settings: MonitorSettings,
+    fresh: SharedFreshness,
+) -> MonitorHandle {
+    let task = tokio::spawn(run(nodes, settings, fresh));
+    MonitorHandle { task }
+}
+
+/// Per-node bookkeeping between rounds.
+struct NodeState {
+    node: Arc<MonitorNode>,
+    client: Option<Client>,
+    failures: u32,
+    retry_at: Instant,
+    last_error: Option<String>,
+}
+
+async fn run(nodes: Vec<MonitorNode>, settings: MonitorSettings, fresh: SharedFreshness) {
+    let mut states: Vec<NodeState> = nodes
+        .into_iter()
+        .map(|n| NodeState {
+            node: Arc::new(n),
+            client: None,
+            failures: 0,
+            retry_at: Instant::now(),
+            last_error: None,
+        })
+        .collect();
+    let mut history = PrimaryHistory::default();
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let samples = probe_round(&mut states, &settings).await;
+        let now = Instant::now();
+        if let Some(Ok(primary)) = samples.first() {
+            history.observe(now, primary.lsn, settings.max_lag * 2);
+        }
+        let prev = fresh.load_full();
+        let next = assess(&prev, &samples, &history, &settings, now);
+        log_changes(&prev, &next);
+        fresh.store(Arc::new(next));
+    }
+}
+
+/// Probes every node that is due, concurrently. A node in backoff keeps its last
+/// error without being contacted.
+async fn probe_round(
+    states: &mut [NodeState],
+    settings: &MonitorSettings,
+) -> Vec<Result<Sample, String>> {
+    let now = Instant::now();
+    let mut results: Vec<Result<Sample, String>> = states
+        .iter()
+        .map(|s| Err(s.last_error.clone().unwrap_or_else(|| "not probed yet".into())))
+        .collect();
+    let mut set = JoinSet::new();
+    for (i, state) in states.iter_mut().enumerate() {
+        if now < state.retry_at {
+            continue;
+        }
+        let client = state.client.take();
+        let node = state.node.clone();
+        let timeout = settings.connect_timeout;
+        set.spawn(async move { (i, probe(client, &node, timeout).await) });
+    }
+    while let Some(joined) = set.join_next().await {
+        let Ok((i, (client, result))) = joined else {
+            continue;
+        };
+        let state = &mut states[i];
+        state.client = client;
+        match &result {
+            Ok(_) => {
+                state.failures = 0;
+                state.last_error = None;
+            }
+            Err(error) => {
+                state.failures = state.failures.saturating_add(1);
+                let backoff = settings
+                    .interval
+                    .saturating_mul(1 << state.failures.min(16).saturating_sub(1))
+                    .min(MAX_BACKOFF);
+                state.retry_at = Instant::now() + backoff;
+                state.last_error = Some(error.clone());
+            }
+        }
+        results[i] = result;
+    }
+    results
+}
+
+/// One probe over the node's control connection, connecting first if needed. The
+/// connection is handed back only when the probe succeeded.
+async fn probe(
+    client: Option<Client>,
+    node: &MonitorNode,
+    timeout: Duration,
+) -> (Option<Client>, Result<Sample, String>) {
+    let client = match client {
+        Some(c) if !c.is_closed() => c,
+        _ => match tokio::time::timeout(timeout, connect(node)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return (None, Err(format!("connect: {e}"))),
+            Err(_) => return (None, Err("connect: timed out".into())),
+        },
+    };
+    match tokio::time::timeout(timeout, client.simple_query(PROBE_SQL)).await {
+        Ok(Ok(messages)) => match parse_sample(&messages) {
+            Some(sample) => (Some(client), Ok(sample)),
+            None => (None, Err("probe: unexpected answer".into())),
+        },
+        Ok(Err(e)) => (None, Err(format!("probe: {e}"))),
+        Err(_) => (None, Err("probe: timed out".into())),
+    }
+}
+
+async fn connect(node: &MonitorNode) -> Result<Client, tokio_postgres::Error> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&node.host)
+        .port(node.port)
+        .user(&node.user)
+        .dbname(&node.database)
+        .application_name("shardgate-monitor");
+    if let Some(password) = &node.password {
+        config.password(password);
+    }
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn parse_sample(messages: &[SimpleQueryMessage]) -> Option<Sample> {
+    let row = messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    })?;
+    Some(Sample {
+        in_recovery: row.get(0)? == "true",
+        lsn: parse_lsn(row.get(1)?)?,
+        received: row.get(2).and_then(parse_lsn),
+    })
+}
+
+/// When the monitor first saw the primary at each WAL position (deduplicated,
+/// oldest first), kept for `retain` so a lag longer than that still shows as
+/// "at least `retain`".
+#[derive(Debug, Default)]
+pub struct PrimaryHistory {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl PrimaryHistory {
+    pub fn observe(&mut self, now: Instant, lsn: u64, retain: Duration) {
+        if self.samples.back().is_none_or(|&(_, last)| lsn > last) {
+            self.samples.push_back((now, lsn));
+        }
+        // Keep one sample older than the window: it bounds the lag from below.
+        while self.samples.len() > 1
+            && (self.samples.len() > MAX_HISTORY
+                || self.samples[1].0 + retain.max(Duration::from_secs(1)) < now)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    pub fn latest(&self) -> Option<u64> {
+        self.samples.back().map(|&(_, lsn)| lsn)
+    }
+
+    /// How long the primary has had WAL beyond `replayed`.
+    pub fn lag(&self, now: Instant, replayed: u64) -> Duration {
+        match self.samples.iter().find(|&&(_, lsn)| lsn > replayed) {
+            Some(&(since, _)) => now.saturating_duration_since(since),
+            None => Duration::ZERO,
+        }
+    }
+}
+
+/// Builds the next snapshot from this round's samples and the previous snapshot (for
+/// hysteresis and the last known positions of nodes that failed).
+pub fn assess(
+    prev: &Freshness,
+    samples: &[Result<Sample, String>],
+    history: &PrimaryHistory,
+    settings: &MonitorSettings,
+    now: Instant,
+) -> Freshness {
+    let nodes = samples
+        .iter()
+        .enumerate()
+        .map(|(i, sample)| {
+            let before = prev.nodes.get(i);
+            let addr = before.map(|n| n.addr.clone()).unwrap_or_default();
+            match sample {
+                Err(error) => NodeFreshness {
+                    addr,
+                    healthy: false,
+                    in_recovery: before.is_some_and(|n| n.in_recovery),
+                    lsn: before.map_or(0, |n| n.lsn),
+                    lag_bytes: 0,
+                    lag_millis: 0,
+                    excluded: (i != 0).then(|| Exclusion::Down(error.clone())),
+                },
+                Ok(s) if i == 0 => NodeFreshness {
+                    addr,
+                    healthy: true,
+                    in_recovery: s.in_recovery,
+                    lsn: s.lsn,
+                    lag_bytes: 0,
+                    lag_millis: 0,
+                    excluded: None,
+                },
+                Ok(s) => assess_replica(addr, before, s, history, settings, now),
+            }
+        })
+        .collect();
+    Freshness {
+        nodes,
+        generation: prev.generation + 1,
+    }
+}
+
+fn assess_replica(
+    addr: String,
+    before: Option<&NodeFreshness>,
+    s: &Sample,
+    history: &PrimaryHistory,
+    settings: &MonitorSettings,
+    now: Instant,
+) -> NodeFreshness {
+    let primary = history.latest().unwrap_or(s.lsn);
+    let lag_bytes = primary.saturating_sub(s.lsn);
+    let caught_up_with_received = s.received.is_none_or(|r| s.lsn >= r);
+    let lag_millis = if caught_up_with_received {
+        0
+    } else {
+        history.lag(now, s.lsn).as_millis() as u64
+    };
+    let was_lagging = matches!(
+        before.and_then(|n| n.excluded.as_ref()),
+        Some(Exclusion::Lagging { .. })
+    );
+    let (max_ms, max_bytes) = if was_lagging {
+        // Re-admission needs a comfortable margin (hysteresis).
+        (settings.max_lag.as_millis() as u64 / 2, settings.max_lag_bytes / 2)
+    } else {
+        (settings.max_lag.as_millis() as u64, settings.max_lag_bytes)
+    };
+    let excluded = if !s.in_recovery {
+        Some(Exclusion::NotReplica)
+    } else if lag_millis > max_ms || lag_bytes > max_bytes {
+        Some(Exclusion::Lagging {
+            bytes: lag_bytes,
+            millis: lag_millis,
+        })
+    } else {
+        None
+    };
+    NodeFreshness {
+        addr,
+        healthy: true,
+        in_recovery: s.in_recovery,
+        lsn: s.lsn,
+        lag_bytes,
+        lag_millis,
+        excluded,
+    }
+}
+
+fn log_changes(prev: &Freshness, next: &Freshness) {
+    for (i, node) in next.nodes.iter().enumerate() {
+        let before = prev.nodes.get(i).and_then(|n| n.excluded.as_ref());
+        let same = match (before, node.excluded.as_ref()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::mem::discriminant(a) == std::mem::discriminant(b),
+            _ => false,
+        };
+        if same {
+            continue;
+        }
+        match &node.excluded {
+            None => tracing::info!(node = %node.addr, "replica serves reads"),
+            Some(why) => tracing::warn!(node = %node.addr, reason = ?why, "replica excluded from reads"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
