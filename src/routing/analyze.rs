@@ -111,7 +111,7 @@ pub fn analyze(sql: &str) -> Analyzed {
     }
     let (class, parsed) = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(statements) => (classify_all(&statements), true),
-        Err(_) => (StatementClass::Write, false),
+        Err(_) => (begin_fallback(sql).unwrap_or(StatementClass::Write), false),
     };
     Analyzed {
         class,
@@ -257,6 +257,33 @@ fn needs_primary(name: &ObjectName) -> bool {
         || PRIMARY_FUNCTION_PREFIXES
             .iter()
             .any(|p| name.starts_with(p))
+}
+
+/// sqlparser does not know every transaction mode (`DEFERRABLE`): a lone
+/// `BEGIN`/`START TRANSACTION` it rejects is still a BEGIN, read-only when it says so.
+fn begin_fallback(sql: &str) -> Option<StatementClass> {
+    let mut words = Words(skip_blanks(sql)).filter(|w| *w != ",");
+    let first = words.next()?;
+    let begin = first.eq_ignore_ascii_case("begin")
+        || (first.eq_ignore_ascii_case("start")
+            && words.next()?.eq_ignore_ascii_case("transaction"));
+    if !begin {
+        return None;
+    }
+    let mut read_only = false;
+    let mut prev = "";
+    for word in words {
+        if word == ";" {
+            // More after it: a multi-statement text, not a lone BEGIN.
+            return None;
+        }
+        if !word.chars().all(|c| c.is_ascii_alphabetic()) {
+            return None;
+        }
+        read_only |= prev.eq_ignore_ascii_case("read") && word.eq_ignore_ascii_case("only");
+        prev = word;
+    }
+    Some(StatementClass::Begin { read_only })
 }
 
 /// Skips whitespace and comments at the start of `sql`, returning the rest.
