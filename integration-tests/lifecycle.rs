@@ -71,7 +71,8 @@ async fn a_slow_reader_holds_the_server_back_instead_of_filling_memory() {
     common::raw::login(&mut s, &proxy).await;
     let before = rss_bytes();
     // About 400 MB of result rows.
-    let sql = "SELECT repeat('x', 4000) || g AS filler FROM generate_series(1, 100000) g";
+    // Pinned to the primary, where the test watches the server's wait event.
+    let sql = "/* shardgate: primary */ SELECT repeat('x', 4000) || g AS filler FROM generate_series(1, 100000) g";
     let mut q = BytesMut::new();
     shardgate::protocol::messages::query(&mut q, sql);
     s.write_all(&q).await.unwrap();
@@ -79,7 +80,7 @@ async fn a_slow_reader_holds_the_server_back_instead_of_filling_memory() {
     wait_for("the server to block writing to the proxy", Duration::from_secs(30), || async {
         let n: i64 = direct
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT repeat(%' AND wait_event = 'ClientWrite'",
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%SELECT repeat(%' AND wait_event = 'ClientWrite'",
                 &[],
             )
             .await

@@ -178,13 +178,20 @@ async fn cancel_reaches_only_the_right_query() {
             .query_one("SELECT pg_sleep(1.5), 'done'", &[])
             .await
     });
-    let direct = superuser_client(cluster, cluster.primary.1, "postgres").await;
+    // The read may run on any node: the cancel must find it wherever it is.
+    let mut nodes = vec![superuser_client(cluster, cluster.primary.1, "postgres").await];
+    for (_, port) in &cluster.replicas {
+        nodes.push(superuser_client(cluster, *port, "postgres").await);
+    }
     wait_for("pg_sleep(20) to run", Duration::from_secs(10), || async {
-        let n: i64 = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let mut n = 0;
+        for node in &nodes {
+            let row = node
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'", &[])
+                .await
+                .unwrap();
+            n += row.get::<_, i64>(0);
+        }
         n == 1
     })
     .await;
@@ -211,7 +218,11 @@ async fn pool_wait_times_out_with_a_clear_error() {
     let holder = proxy.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let waiter = proxy.client().await;
-    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    // Pinned to the primary, whose one connection the holder keeps.
+    let err = waiter
+        .simple_query("/* shardgate: primary */ SELECT 1")
+        .await
+        .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
     holder.batch_execute("COMMIT").await.unwrap();
     let again = proxy.client().await;

@@ -11,7 +11,10 @@ use common::proxy::{start_proxy, ProxyOptions, TestProxy};
 use common::{own_cluster, shared_cluster, superuser_client, unique_name, TestCluster};
 
 async fn port_of(client: &tokio_postgres::Client, sql: &str) -> u16 {
-    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
@@ -30,7 +33,10 @@ async fn wait_replicas_serving(proxy: &TestProxy, ports: &HashSet<u16>) {
     let mut seen = HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !ports.iter().all(|p| seen.contains(p)) {
-        assert!(std::time::Instant::now() < deadline, "reads never reached every replica: saw {seen:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads never reached every replica: saw {seen:?}"
+        );
         seen.insert(port_of(&client, "SELECT inet_server_port()").await);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -49,19 +55,28 @@ async fn reads_spread_over_replicas_and_writes_go_to_the_primary() {
         assert!(replicas.contains(&port), "a read ran on {port}");
         seen.insert(port);
         // The extended protocol routes the same way.
-        let row = client.query_one("SELECT inet_server_port()", &[]).await.unwrap();
+        let row = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap();
         assert!(replicas.contains(&(row.get::<_, i32>(0) as u16)));
     }
     assert_eq!(seen, replicas, "reads use both replicas");
     let table = unique_name("rw");
-    client.batch_execute(&format!("CREATE TABLE {table} (id serial, port int)")).await.unwrap();
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id serial, port int)"))
+        .await
+        .unwrap();
     let primary = cluster.primary.1;
     let sql = format!("INSERT INTO {table} (port) VALUES (inet_server_port()) RETURNING port");
     assert_eq!(port_of(&client, &sql).await, primary);
     let sql = format!("SELECT inet_server_port() FROM {table} LIMIT 1 FOR UPDATE");
     assert_eq!(port_of(&client, &sql).await, primary);
-    assert_eq!(port_of(&client, "SELECT inet_server_port() FROM (SELECT nextval('{table}_id_seq')) s").await, primary);
-    let sql = format!("WITH moved AS (DELETE FROM {table} RETURNING port) SELECT inet_server_port() FROM moved");
+    let sql = format!("SELECT inet_server_port() FROM (SELECT nextval('{table}_id_seq')) s");
+    assert_eq!(port_of(&client, &sql).await, primary);
+    let sql = format!(
+        "WITH moved AS (DELETE FROM {table} RETURNING port) SELECT inet_server_port() FROM moved"
+    );
     assert_eq!(port_of(&client, &sql).await, primary);
 }
 
@@ -77,7 +92,11 @@ async fn transactions_and_hints_pick_their_node() {
     client.batch_execute("BEGIN").await.unwrap();
     assert_eq!(port_of(&client, "SELECT inet_server_port()").await, primary);
     client.batch_execute("COMMIT").await.unwrap();
-    for begin in ["BEGIN READ ONLY", "START TRANSACTION READ ONLY", "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"] {
+    for begin in [
+        "BEGIN READ ONLY",
+        "START TRANSACTION READ ONLY",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    ] {
         client.batch_execute(begin).await.unwrap();
         let first = port_of(&client, "SELECT inet_server_port()").await;
         assert!(replicas.contains(&first), "{begin}: {first}");
@@ -88,20 +107,41 @@ async fn transactions_and_hints_pick_their_node() {
         client.batch_execute("COMMIT").await.unwrap();
     }
 
-    assert_eq!(port_of(&client, "/* shardgate: primary */ SELECT inet_server_port()").await, primary);
-    client.batch_execute("SET shardgate.target = 'primary'").await.unwrap();
+    assert_eq!(
+        port_of(
+            &client,
+            "/* shardgate: primary */ SELECT inet_server_port()"
+        )
+        .await,
+        primary
+    );
+    client
+        .batch_execute("SET shardgate.target = 'primary'")
+        .await
+        .unwrap();
     for _ in 0..5 {
         assert_eq!(port_of(&client, "SELECT inet_server_port()").await, primary);
     }
-    let hinted = port_of(&client, "/* shardgate: replica */ SELECT inet_server_port()").await;
+    let hinted = port_of(
+        &client,
+        "/* shardgate: replica */ SELECT inet_server_port()",
+    )
+    .await;
     assert!(replicas.contains(&hinted));
-    client.batch_execute("SET shardgate.target TO auto").await.unwrap();
+    client
+        .batch_execute("SET shardgate.target TO auto")
+        .await
+        .unwrap();
     assert!(replicas.contains(&port_of(&client, "SELECT inet_server_port()").await));
 }
 
 async fn pause(c: &TestCluster, port: u16, on: bool) {
     let su = superuser_client(c, port, "postgres").await;
-    let f = if on { "pg_wal_replay_pause" } else { "pg_wal_replay_resume" };
+    let f = if on {
+        "pg_wal_replay_pause"
+    } else {
+        "pg_wal_replay_resume"
+    };
     su.batch_execute(&format!("SELECT {f}()")).await.unwrap();
 }
 
@@ -110,15 +150,26 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
     let cluster = own_cluster(2);
     let replicas = replica_ports(&cluster);
     let (paused, other) = (cluster.replicas[0].1, cluster.replicas[1].1);
-    let opts = ProxyOptions { max_replica_lag: "500ms", lag_check_interval: "100ms", ..Default::default() };
+    let opts = ProxyOptions {
+        max_replica_lag: "500ms",
+        lag_check_interval: "100ms",
+        ..Default::default()
+    };
     let proxy = start_proxy(&cluster, opts).await;
     wait_replicas_serving(&proxy, &replicas).await;
     let direct = superuser_client(&cluster, cluster.primary.1, &cluster.database).await;
     let table = unique_name("lag");
-    direct.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
+    direct
+        .batch_execute(&format!("CREATE TABLE {table} (v int)"))
+        .await
+        .unwrap();
     let writer = tokio::spawn(async move {
         for i in 0..100_000 {
-            if direct.execute(&format!("INSERT INTO {table} VALUES ({i})"), &[]).await.is_err() {
+            if direct
+                .execute(&format!("INSERT INTO {table} VALUES ({i})"), &[])
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -139,7 +190,11 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
 
     // Read-your-writes: both replicas paused but within a generous lag limit.
     drop(client);
-    let opts = ProxyOptions { max_replica_lag: "1h", max_replica_lag_bytes: "1GB", ..Default::default() };
+    let opts = ProxyOptions {
+        max_replica_lag: "1h",
+        max_replica_lag_bytes: "1GB",
+        ..Default::default()
+    };
     let proxy = start_proxy(&cluster, opts).await;
     wait_replicas_serving(&proxy, &replicas).await;
     for (_, port) in &cluster.replicas {
@@ -147,11 +202,24 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
     }
     let table = unique_name("ryw");
     let writer = proxy.client().await;
-    writer.batch_execute(&format!("CREATE TABLE {table} (v int)")).await.unwrap();
+    writer
+        .batch_execute(&format!("CREATE TABLE {table} (v int)"))
+        .await
+        .unwrap();
     for i in 0..300 {
-        writer.batch_execute(&format!("INSERT INTO {table} VALUES ({i})")).await.unwrap();
-        let row = writer.query_one(&format!("SELECT count(*) FROM {table} WHERE v = $1"), &[&i]).await.unwrap();
-        assert_eq!(row.get::<_, i64>(0), 1, "insert {i} not visible to its own session");
+        writer
+            .batch_execute(&format!("INSERT INTO {table} VALUES ({i})"))
+            .await
+            .unwrap();
+        let row = writer
+            .query_one(&format!("SELECT count(*) FROM {table} WHERE v = $1"), &[&i])
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, i64>(0),
+            1,
+            "insert {i} not visible to its own session"
+        );
     }
     // A session that never wrote still reads from the (paused, but within limits) replicas.
     let reader = proxy.client().await;

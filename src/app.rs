@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use arc_swap::ArcSwap;
 
 use crate::backend::{PoolSettings, Pools};
-use crate::control::monitor::{self, MonitorHandle, MonitorNode, MonitorSettings};
 use crate::config::{Config, PoolMode as ConfigPoolMode};
+use crate::control::monitor::{self, MonitorHandle, MonitorNode, MonitorSettings};
 use crate::frontend::listener::Listener;
 use crate::frontend::{BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode};
 use crate::protocol::scram::ScramSecret;
@@ -67,7 +67,9 @@ fn backend_node(addr: &NodeAddr) -> BackendNode {
 /// The default shard's nodes, primary first, in map order.
 fn shard_nodes(map: &ShardMap) -> Vec<&NodeAddr> {
     let shard = map.default_shard();
-    std::iter::once(&shard.primary).chain(shard.replicas.iter()).collect()
+    std::iter::once(&shard.primary)
+        .chain(shard.replicas.iter())
+        .collect()
 }
 
 fn monitor_nodes(config: &Config, map: &ShardMap) -> Vec<MonitorNode> {
@@ -77,14 +79,24 @@ fn monitor_nodes(config: &Config, map: &ShardMap) -> Vec<MonitorNode> {
         .map(|n| MonitorNode {
             host: n.host.clone(),
             port: n.port,
-            user: n.user.clone().unwrap_or_else(|| config.control.user.clone()),
-            password: n.password.clone().or_else(|| control.map(|u| u.password.clone())),
+            user: n
+                .user
+                .clone()
+                .unwrap_or_else(|| config.control.user.clone()),
+            password: n
+                .password
+                .clone()
+                .or_else(|| control.map(|u| u.password.clone())),
             database: n.dbname.clone().unwrap_or_else(|| map.database.clone()),
         })
         .collect()
 }
 
-pub fn build_frontend(config: &Config, map: &ShardMap, fresh: SharedFreshness) -> Result<Frontend, AppError> {
+pub fn build_frontend(
+    config: &Config,
+    map: &ShardMap,
+    fresh: SharedFreshness,
+) -> Result<Frontend, AppError> {
     let users = config
         .users
         .iter()
@@ -157,7 +169,8 @@ fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppErr
 /// Binds and starts the proxy in the current tokio runtime.
 pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppError> {
     let nodes = monitor_nodes(config, map);
-    let fresh: SharedFreshness = Arc::new(ArcSwap::from_pointee(monitor::initial_freshness(&nodes)));
+    let fresh: SharedFreshness =
+        Arc::new(ArcSwap::from_pointee(monitor::initial_freshness(&nodes)));
     let frontend = Arc::new(build_frontend(config, map, fresh.clone())?);
     let listener = TcpListener::bind(config.listen)
         .await

@@ -1,11 +1,11 @@
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod frontend;
 pub mod local_cluster;
 pub mod protocol;
+pub mod routing;
 pub mod shard_map;
 pub mod topology;
-pub mod routing;
-pub mod control;

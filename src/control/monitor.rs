@@ -159,7 +159,12 @@ async fn probe_round(
     let now = Instant::now();
     let mut results: Vec<Result<Sample, String>> = states
         .iter()
-        .map(|s| Err(s.last_error.clone().unwrap_or_else(|| "not probed yet".into())))
+        .map(|s| {
+            Err(s
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "not probed yet".into()))
+        })
         .collect();
     let mut set = JoinSet::new();
     for (i, state) in states.iter_mut().enumerate() {
@@ -353,7 +358,10 @@ fn assess_replica(
     );
     let (max_ms, max_bytes) = if was_lagging {
         // Re-admission needs a comfortable margin (hysteresis).
-        (settings.max_lag.as_millis() as u64 / 2, settings.max_lag_bytes / 2)
+        (
+            settings.max_lag.as_millis() as u64 / 2,
+            settings.max_lag_bytes / 2,
+        )
     } else {
         (settings.max_lag.as_millis() as u64, settings.max_lag_bytes)
     };
@@ -391,7 +399,9 @@ fn log_changes(prev: &Freshness, next: &Freshness) {
         }
         match &node.excluded {
             None => tracing::info!(node = %node.addr, "replica serves reads"),
-            Some(why) => tracing::warn!(node = %node.addr, reason = ?why, "replica excluded from reads"),
+            Some(why) => {
+                tracing::warn!(node = %node.addr, reason = ?why, "replica excluded from reads")
+            }
         }
     }
 }

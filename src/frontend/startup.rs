@@ -321,7 +321,10 @@ async fn run_session(
     let pools: Vec<_> = fe
         .nodes
         .iter()
-        .map(|node| fe.pools.get(&fe.server_target(&user, node), &fe.settings.pool))
+        .map(|node| {
+            fe.pools
+                .get(&fe.server_target(&user, node), &fe.settings.pool)
+        })
         .collect();
     let server_params = match pools[0].server_params().await {
         Ok(p) => p,

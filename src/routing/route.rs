@@ -62,7 +62,10 @@ impl Route {
 
 /// Whether a statement of this class may run on a replica.
 pub fn is_read(class: StatementClass) -> bool {
-    matches!(class, StatementClass::Read | StatementClass::Begin { read_only: true })
+    matches!(
+        class,
+        StatementClass::Read | StatementClass::Begin { read_only: true }
+    )
 }
 
 /// Picks the node. `load[i]` is node i's outstanding server connections (least first;

@@ -22,11 +22,19 @@ fn nodes() -> Vec<MonitorNode> {
 }
 
 fn primary(lsn: u64) -> Result<Sample, String> {
-    Ok(Sample { in_recovery: false, lsn, received: None })
+    Ok(Sample {
+        in_recovery: false,
+        lsn,
+        received: None,
+    })
 }
 
 fn replica(lsn: u64, received: u64) -> Result<Sample, String> {
-    Ok(Sample { in_recovery: true, lsn, received: Some(received) })
+    Ok(Sample {
+        in_recovery: true,
+        lsn,
+        received: Some(received),
+    })
 }
 
 #[test]
@@ -57,7 +65,13 @@ fn an_idle_caught_up_replica_has_no_lag_however_old_its_last_replay() {
     h.observe(t0, 500, Duration::from_secs(2));
     let now = t0 + Duration::from_secs(3600);
     let prev = initial_freshness(&nodes());
-    let next = assess(&prev, &[primary(500), replica(500, 500)], &h, &settings(), now);
+    let next = assess(
+        &prev,
+        &[primary(500), replica(500, 500)],
+        &h,
+        &settings(),
+        now,
+    );
     assert_eq!(next.nodes[1].lag_millis, 0);
     assert_eq!(next.nodes[1].lag_bytes, 0);
     assert!(next.nodes[1].excluded.is_none());
@@ -70,15 +84,25 @@ fn a_replica_excluded_for_lag_returns_only_well_under_the_limit() {
     let mut h = PrimaryHistory::default();
     let s = settings();
     h.observe(t0, 100, Duration::from_secs(10));
-    h.observe(t0 + Duration::from_millis(100), 5000, Duration::from_secs(10));
+    h.observe(
+        t0 + Duration::from_millis(100),
+        5000,
+        Duration::from_secs(10),
+    );
     let now = t0 + Duration::from_millis(200);
     let prev = initial_freshness(&nodes());
     // 4900 bytes behind: over the 1000-byte limit.
     let f1 = assess(&prev, &[primary(5000), replica(100, 5000)], &h, &s, now);
-    assert!(matches!(f1.nodes[1].excluded, Some(Exclusion::Lagging { bytes: 4900, .. })));
+    assert!(matches!(
+        f1.nodes[1].excluded,
+        Some(Exclusion::Lagging { bytes: 4900, .. })
+    ));
     // 700 behind: under the limit but not under half of it: still out.
     let f2 = assess(&f1, &[primary(5000), replica(4300, 5000)], &h, &s, now);
-    assert!(matches!(f2.nodes[1].excluded, Some(Exclusion::Lagging { .. })));
+    assert!(matches!(
+        f2.nodes[1].excluded,
+        Some(Exclusion::Lagging { .. })
+    ));
     // 400 behind: comfortably under, back in.
     let f3 = assess(&f2, &[primary(5000), replica(4600, 5000)], &h, &s, now);
     assert!(f3.nodes[1].excluded.is_none());
@@ -96,9 +120,18 @@ fn paused_replay_is_lag_in_time() {
     let now = t0 + Duration::from_millis(1500);
     let prev = initial_freshness(&nodes());
     // Only 10 bytes behind, but received WAL has waited 1.45 s to be replayed.
-    let f = assess(&prev, &[primary(110), replica(100, 110)], &h, &settings(), now);
+    let f = assess(
+        &prev,
+        &[primary(110), replica(100, 110)],
+        &h,
+        &settings(),
+        now,
+    );
     assert_eq!(f.nodes[1].lag_millis, 1450);
-    assert!(matches!(f.nodes[1].excluded, Some(Exclusion::Lagging { .. })));
+    assert!(matches!(
+        f.nodes[1].excluded,
+        Some(Exclusion::Lagging { .. })
+    ));
 }
 
 #[test]
@@ -106,12 +139,27 @@ fn failed_probes_and_promoted_replicas_are_excluded() {
     let h = PrimaryHistory::default();
     let prev = initial_freshness(&nodes());
     let now = Instant::now();
-    let f = assess(&prev, &[primary(1), Err("connect: refused".into())], &h, &settings(), now);
+    let f = assess(
+        &prev,
+        &[primary(1), Err("connect: refused".into())],
+        &h,
+        &settings(),
+        now,
+    );
     assert!(!f.nodes[1].healthy);
-    assert_eq!(f.nodes[1].excluded, Some(Exclusion::Down("connect: refused".into())));
+    assert_eq!(
+        f.nodes[1].excluded,
+        Some(Exclusion::Down("connect: refused".into()))
+    );
     let f = assess(&f, &[primary(1), primary(1)], &h, &settings(), now);
     assert_eq!(f.nodes[1].excluded, Some(Exclusion::NotReplica));
     // The primary is never excluded from writes by the monitor.
-    let f = assess(&f, &[Err("down".into()), replica(1, 1)], &h, &settings(), now);
+    let f = assess(
+        &f,
+        &[Err("down".into()), replica(1, 1)],
+        &h,
+        &settings(),
+        now,
+    );
     assert!(f.nodes[0].excluded.is_none() && !f.nodes[0].healthy);
 }

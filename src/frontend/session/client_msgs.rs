@@ -231,7 +231,8 @@ where
     async fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let bind = messages::decode_bind(frame)?;
         let stmt = self.client_statement(bind.statement);
-        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed)).await?;
+        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
+            .await?;
         if let Some(stmt) = &stmt {
             self.note_statement(&stmt.analyzed);
         }
@@ -258,8 +259,13 @@ where
 
     async fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let (kind, name) = messages::decode_target(frame)?;
-        let stmt = if kind == b'S' { self.client_statement(name) } else { None };
-        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed)).await?;
+        let stmt = if kind == b'S' {
+            self.client_statement(name)
+        } else {
+            None
+        };
+        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
+            .await?;
         match (kind, stmt) {
             (b'S', Some(stmt)) if !name.is_empty() => {
                 self.prepare_on_server(&stmt, false);

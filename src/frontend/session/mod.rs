@@ -26,10 +26,10 @@ use super::session_sql::SessionEffect;
 use super::{Frontend, PoolMode};
 use crate::backend::params::SessionParams;
 use crate::backend::{BackendError, Pool, PooledConn};
-use crate::routing::analyze::{Analyzed, StatementClass};
-use crate::routing::route::{self, SessionRoute, PRIMARY};
 use crate::protocol::messages;
 use crate::protocol::ProtocolError;
+use crate::routing::analyze::{Analyzed, StatementClass};
+use crate::routing::route::{self, SessionRoute, PRIMARY};
 
 /// Bytes buffered towards one peer before we stop reading from the other.
 const OUT_LIMIT: usize = 256 * 1024;
@@ -227,7 +227,9 @@ where
         self.skipping = false;
         self.copy_in = false;
         self.txn_failed = false;
-        let mut again = BytesMut::with_capacity(frames.iter().map(|f| f.len()).sum::<usize>() + self.cbuf.len());
+        let mut again = BytesMut::with_capacity(
+            frames.iter().map(|f| f.len()).sum::<usize>() + self.cbuf.len(),
+        );
         for frame in &frames {
             again.extend_from_slice(frame);
         }
@@ -307,19 +309,37 @@ where
 
     /// Routes (DESIGN 5.1-5.3) and borrows a connection; a replica that cannot be
     /// reached is skipped for this transaction and routing runs again.
-    async fn acquire_routed(&mut self, analyzed: Option<&Analyzed>) -> Result<(usize, PooledConn), SessionError> {
+    async fn acquire_routed(
+        &mut self,
+        analyzed: Option<&Analyzed>,
+    ) -> Result<(usize, PooledConn), SessionError> {
         let primary_only = Analyzed {
             class: StatementClass::Write,
             hint: None,
             set_target: None,
             parsed: true,
         };
-        let analyzed = analyzed.unwrap_or(&primary_only);
+        // Session pooling lends one connection for the whole session, which must be
+        // able to write: it comes from the primary (docs/decisions.md).
+        let analyzed = match analyzed {
+            Some(a) if self.fe.settings.pool_mode == PoolMode::Transaction => a,
+            _ => &primary_only,
+        };
         loop {
             let fresh = self.fe.fresh.load();
             let load: Vec<usize> = self.pools.iter().map(|p| p.outstanding()).collect();
-            let tiebreak = self.fe.route_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let decision = route::route(analyzed, &self.route, &fresh, &load, self.failed_nodes, tiebreak);
+            let tiebreak = self
+                .fe
+                .route_counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let decision = route::route(
+                analyzed,
+                &self.route,
+                &fresh,
+                &load,
+                self.failed_nodes,
+                tiebreak,
+            );
             let node = decision.node.min(self.pools.len() - 1);
             match self.pools[node].acquire().await {
                 Ok(conn) => return Ok((node, conn)),
@@ -334,7 +354,10 @@ where
 
     /// Notes what a statement about to run on the held connection means for routing.
     fn note_statement(&mut self, analyzed: &Analyzed) {
-        if matches!(analyzed.class, StatementClass::Write | StatementClass::Utility) {
+        if matches!(
+            analyzed.class,
+            StatementClass::Write | StatementClass::Utility
+        ) {
             self.hold_wrote = true;
         }
         if let Some(frames) = self.replay.as_mut() {
@@ -380,7 +403,10 @@ where
         if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
             // One extra round trip per writing transaction: the position at or past
             // this session's commit, which replicas must replay before it reads there.
-            match conn.query_scalar("SELECT pg_current_wal_insert_lsn()::text").await {
+            match conn
+                .query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+                .await
+            {
                 Ok(Some(lsn)) => {
                     if let Some(lsn) = crate::topology::parse_lsn(&lsn) {
                         self.route.min_lsn = self.route.min_lsn.max(lsn);

@@ -7,9 +7,9 @@ use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Expect, Op, Session, SessionError};
-use crate::backend::BackendError;
 use crate::backend::conn::MAX_SERVER_MESSAGE;
 use crate::backend::params::SessionParams;
+use crate::backend::BackendError;
 use crate::frontend::session_sql::SessionEffect;
 use crate::protocol::messages::btag;
 use crate::protocol::peek_frame;

@@ -198,8 +198,14 @@ fn transaction_control() {
         ("BEGIN READ WRITE", Begin { read_only: false }),
         ("BEGIN READ ONLY", Begin { read_only: true }),
         ("START TRANSACTION READ ONLY", Begin { read_only: true }),
-        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", Begin { read_only: true }),
-        ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", Begin { read_only: true }),
+        (
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+            Begin { read_only: true },
+        ),
+        (
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            Begin { read_only: true },
+        ),
         ("START TRANSACTION", Begin { read_only: false }),
         ("COMMIT", TxnControl),
         ("END", TxnControl),
@@ -222,9 +228,18 @@ fn unparsable_sql_is_a_write_and_says_so() {
 
 #[test]
 fn hints_in_a_leading_comment() {
-    assert_eq!(analyze("/* shardgate: primary */ SELECT 1").hint, Some(TargetHint::Primary));
-    assert_eq!(analyze("  /*shardgate:replica*/SELECT 1").hint, Some(TargetHint::Replica));
-    assert_eq!(analyze("/* ShardGate: PRIMARY */ SELECT 1").hint, Some(TargetHint::Primary));
+    assert_eq!(
+        analyze("/* shardgate: primary */ SELECT 1").hint,
+        Some(TargetHint::Primary)
+    );
+    assert_eq!(
+        analyze("  /*shardgate:replica*/SELECT 1").hint,
+        Some(TargetHint::Replica)
+    );
+    assert_eq!(
+        analyze("/* ShardGate: PRIMARY */ SELECT 1").hint,
+        Some(TargetHint::Primary)
+    );
     assert_eq!(analyze("/* shardgate: primary */ SELECT 1").class, Read);
     assert_eq!(analyze("SELECT 1 /* shardgate: primary */").hint, None);
     assert_eq!(analyze("/* other: primary */ SELECT 1").hint, None);
@@ -234,10 +249,19 @@ fn hints_in_a_leading_comment() {
 #[test]
 fn set_shardgate_target() {
     for (sql, want) in [
-        ("SET shardgate.target = 'primary'", Some(TargetMode::Primary)),
+        (
+            "SET shardgate.target = 'primary'",
+            Some(TargetMode::Primary),
+        ),
         ("set shardgate.target to replica", Some(TargetMode::Replica)),
-        ("SET SESSION shardgate.target = 'auto';", Some(TargetMode::Auto)),
-        ("/* x */ SET shardgate.target TO 'REPLICA'", Some(TargetMode::Replica)),
+        (
+            "SET SESSION shardgate.target = 'auto';",
+            Some(TargetMode::Auto),
+        ),
+        (
+            "/* x */ SET shardgate.target TO 'REPLICA'",
+            Some(TargetMode::Replica),
+        ),
         ("RESET shardgate.target", Some(TargetMode::Auto)),
         ("SET shardgate.target = 'nowhere'", None),
         ("SET shardgate.targets = 'primary'", None),

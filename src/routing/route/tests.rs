@@ -17,7 +17,10 @@ fn shard(replicas: Vec<NodeFreshness>) -> Freshness {
     let mut nodes = vec![node(1000, None)];
     nodes[0].in_recovery = false;
     nodes.extend(replicas);
-    Freshness { nodes, generation: 1 }
+    Freshness {
+        nodes,
+        generation: 1,
+    }
 }
 
 fn stmt(class: StatementClass, hint: Option<TargetHint>) -> Analyzed {
@@ -42,7 +45,10 @@ fn writes_and_read_write_transactions_go_to_the_primary() {
         StatementClass::SessionSet,
         StatementClass::Begin { read_only: false },
     ] {
-        assert_eq!(route(&stmt(class, None), &s, &fresh, &[0, 0], 0, 0), Route::primary(RouteReason::Write));
+        assert_eq!(
+            route(&stmt(class, None), &s, &fresh, &[0, 0], 0, 0),
+            Route::primary(RouteReason::Write)
+        );
     }
     let ro = stmt(StatementClass::Begin { read_only: true }, None);
     assert_eq!(route(&ro, &s, &fresh, &[0, 0], 0, 0).node, 1);
@@ -53,7 +59,9 @@ fn reads_spread_over_fresh_replicas_by_load_then_rotation() {
     let fresh = shard(vec![node(1000, None), node(1000, None)]);
     let s = SessionRoute::default();
     let read = stmt(READ, None);
-    let picks: Vec<usize> = (0..4).map(|t| route(&read, &s, &fresh, &[0, 0, 0], 0, t).node).collect();
+    let picks: Vec<usize> = (0..4)
+        .map(|t| route(&read, &s, &fresh, &[0, 0, 0], 0, t).node)
+        .collect();
     assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
     assert_eq!(route(&read, &s, &fresh, &[0, 5, 1], 0, 0).node, 2);
     assert_eq!(route(&read, &s, &fresh, &[0, 1, 5], 0, 1).node, 1);
@@ -61,27 +69,48 @@ fn reads_spread_over_fresh_replicas_by_load_then_rotation() {
 
 #[test]
 fn excluded_down_and_failed_replicas_are_skipped() {
-    let lag = Some(Exclusion::Lagging { bytes: 1 << 30, millis: 0 });
+    let lag = Some(Exclusion::Lagging {
+        bytes: 1 << 30,
+        millis: 0,
+    });
     let fresh = shard(vec![node(1000, lag), node(1000, None)]);
     let read = stmt(READ, None);
     let s = SessionRoute::default();
     assert_eq!(route(&read, &s, &fresh, &[], 0, 0).node, 2);
-    assert_eq!(route(&read, &s, &fresh, &[], 1 << 2, 0), Route::primary(RouteReason::NoFreshReplica));
+    assert_eq!(
+        route(&read, &s, &fresh, &[], 1 << 2, 0),
+        Route::primary(RouteReason::NoFreshReplica)
+    );
     let down = shard(vec![node(0, Some(Exclusion::Down("x".into())))]);
-    assert_eq!(route(&read, &s, &down, &[], 0, 0), Route::primary(RouteReason::NoFreshReplica));
-    assert_eq!(route(&read, &s, &shard(vec![]), &[], 0, 0), Route::primary(RouteReason::NoReplicas));
+    assert_eq!(
+        route(&read, &s, &down, &[], 0, 0),
+        Route::primary(RouteReason::NoFreshReplica)
+    );
+    assert_eq!(
+        route(&read, &s, &shard(vec![]), &[], 0, 0),
+        Route::primary(RouteReason::NoReplicas)
+    );
 }
 
 #[test]
 fn read_your_writes_needs_a_replica_past_the_session_lsn() {
     let fresh = shard(vec![node(900, None), node(1200, None)]);
     let read = stmt(READ, None);
-    let s = SessionRoute { mode: TargetMode::Auto, min_lsn: 1000 };
+    let s = SessionRoute {
+        mode: TargetMode::Auto,
+        min_lsn: 1000,
+    };
     for t in 0..4 {
         assert_eq!(route(&read, &s, &fresh, &[], 0, t).node, 2);
     }
-    let s = SessionRoute { mode: TargetMode::Auto, min_lsn: 5000 };
-    assert_eq!(route(&read, &s, &fresh, &[], 0, 0), Route::primary(RouteReason::NotCaughtUp));
+    let s = SessionRoute {
+        mode: TargetMode::Auto,
+        min_lsn: 5000,
+    };
+    assert_eq!(
+        route(&read, &s, &fresh, &[], 0, 0),
+        Route::primary(RouteReason::NotCaughtUp)
+    );
 }
 
 #[test]
@@ -89,12 +118,50 @@ fn hints_and_session_target_override_the_class() {
     let fresh = shard(vec![node(1000, None)]);
     let auto = SessionRoute::default();
     assert_eq!(
-        route(&stmt(READ, Some(TargetHint::Primary)), &auto, &fresh, &[], 0, 0),
+        route(
+            &stmt(READ, Some(TargetHint::Primary)),
+            &auto,
+            &fresh,
+            &[],
+            0,
+            0
+        ),
         Route::primary(RouteReason::HintPrimary)
     );
-    assert_eq!(route(&stmt(StatementClass::Write, Some(TargetHint::Replica)), &auto, &fresh, &[], 0, 0).node, 1);
-    let primary = SessionRoute { mode: TargetMode::Primary, min_lsn: 0 };
-    assert_eq!(route(&stmt(READ, None), &primary, &fresh, &[], 0, 0), Route::primary(RouteReason::SessionPrimary));
-    let replica = SessionRoute { mode: TargetMode::Replica, min_lsn: 0 };
-    assert_eq!(route(&stmt(StatementClass::Write, None), &replica, &fresh, &[], 0, 0).node, 1);
+    assert_eq!(
+        route(
+            &stmt(StatementClass::Write, Some(TargetHint::Replica)),
+            &auto,
+            &fresh,
+            &[],
+            0,
+            0
+        )
+        .node,
+        1
+    );
+    let primary = SessionRoute {
+        mode: TargetMode::Primary,
+        min_lsn: 0,
+    };
+    assert_eq!(
+        route(&stmt(READ, None), &primary, &fresh, &[], 0, 0),
+        Route::primary(RouteReason::SessionPrimary)
+    );
+    let replica = SessionRoute {
+        mode: TargetMode::Replica,
+        min_lsn: 0,
+    };
+    assert_eq!(
+        route(
+            &stmt(StatementClass::Write, None),
+            &replica,
+            &fresh,
+            &[],
+            0,
+            0
+        )
+        .node,
+        1
+    );
 }
