@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::proxy::{start_proxy, ProxyOptions, TestProxy};
 use common::{own_cluster, shared_cluster, superuser_client, unique_name, TestCluster};
+use shardgate::routing::route::RouteReason;
 
 async fn port_of(client: &tokio_postgres::Client, sql: &str) -> u16 {
     let rows = client
@@ -221,6 +222,14 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
             "insert {i} not visible to its own session"
         );
     }
+    // Those reads went to the primary because no replica had the write, and the proxy
+    // kept that reason.
+    let stats = &proxy.handle.frontend.route_stats;
+    assert!(
+        stats.count(RouteReason::NotCaughtUp) >= 300,
+        "{}",
+        stats.count(RouteReason::NotCaughtUp)
+    );
     // A session that never wrote still reads from the (paused, but within limits) replicas.
     let reader = proxy.client().await;
     for _ in 0..10 {

@@ -70,6 +70,8 @@ pub struct Frontend {
     pub analysis: AnalysisCache,
     /// Rotates ties between equally loaded replicas.
     pub route_counter: AtomicUsize,
+    /// Routing decisions by reason (why reads went to the primary, among others).
+    pub route_stats: crate::routing::route::RouteStats,
     pub pools: Pools,
     pub statements: prepared::StatementRegistry,
     pub cancels: cancel::CancelRegistry,

@@ -28,6 +28,7 @@ impl Default for SessionRoute {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
 pub enum RouteReason {
     /// The statement writes or needs the primary (DESIGN 5.1).
     Write,
@@ -43,6 +44,48 @@ pub enum RouteReason {
     NoFreshReplica,
     /// A read, but no eligible replica has replayed this session's last write yet.
     NotCaughtUp,
+}
+
+impl RouteReason {
+    pub const ALL: [RouteReason; 7] = [
+        RouteReason::Write,
+        RouteReason::HintPrimary,
+        RouteReason::SessionPrimary,
+        RouteReason::Replica,
+        RouteReason::NoReplicas,
+        RouteReason::NoFreshReplica,
+        RouteReason::NotCaughtUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Write => "write",
+            RouteReason::HintPrimary => "hint primary",
+            RouteReason::SessionPrimary => "session target primary",
+            RouteReason::Replica => "replica",
+            RouteReason::NoReplicas => "no replicas",
+            RouteReason::NoFreshReplica => "no fresh replica",
+            RouteReason::NotCaughtUp => "no replica has this session's last write",
+        }
+    }
+}
+
+/// How many routing decisions ended for each reason, since start: why reads went to
+/// the primary is kept here for the admin console and metrics. Relaxed atomics: the
+/// counts are statistics, not synchronisation.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    counts: [std::sync::atomic::AtomicU64; RouteReason::ALL.len()],
+}
+
+impl RouteStats {
+    pub fn record(&self, reason: RouteReason) {
+        self.counts[reason as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn count(&self, reason: RouteReason) -> u64 {
+        self.counts[reason as usize].load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

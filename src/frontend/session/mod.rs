@@ -340,6 +340,13 @@ where
                 self.failed_nodes,
                 tiebreak,
             );
+            self.fe.route_stats.record(decision.reason);
+            if decision.node == PRIMARY && decision.reason != route::RouteReason::Write {
+                tracing::debug!(
+                    reason = decision.reason.as_str(),
+                    "read routed to the primary"
+                );
+            }
             let node = decision.node.min(self.pools.len() - 1);
             match self.pools[node].acquire().await {
                 Ok(conn) => return Ok((node, conn)),
@@ -403,6 +410,14 @@ where
         if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
             // One extra round trip per writing transaction: the position at or past
             // this session's commit, which replicas must replay before it reads there.
+            // The client gets its answer first, so the round trip overlaps with the
+            // client's next request instead of adding to this one's latency.
+            if !self.cout.is_empty() {
+                if self.wr.write_all(&self.cout).await.is_ok() {
+                    let _ = self.wr.flush().await;
+                }
+                self.cout.clear();
+            }
             match conn
                 .query_scalar("SELECT pg_current_wal_insert_lsn()::text")
                 .await
