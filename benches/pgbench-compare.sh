@@ -10,6 +10,11 @@
 #   sg-primary  shardgate, transaction pooling, a map with the primary only
 #   sg-split    shardgate with the primary and 2 streaming replicas (reads on replicas)
 #   pgpool      Pgpool-II, streaming-replication mode, load balancing over the replicas
+#   sg-noryw    sg-split with read_your_writes off (only in the write workload below)
+#
+# A second, write workload (pgbench -N, prepared) runs against direct, sg-split and
+# sg-noryw: the difference between the last two is the cost of read-your-writes (one
+# round trip per writing transaction to learn the commit position).
 #
 # Prints TPS per mode and target (mean over rounds), the ratios the issues set targets
 # for, and proxy CPU seconds per 10k transactions (utime+stime from /proc).
@@ -58,7 +63,7 @@ free_port() {
 }
 
 P=$(free_port); R1=$(free_port); R2=$(free_port)
-declare -A PORT=([direct]=$P [pgbouncer]=$(free_port) [sg-primary]=$(free_port) [sg-split]=$(free_port) [pgpool]=$(free_port))
+declare -A PORT=([direct]=$P [pgbouncer]=$(free_port) [sg-primary]=$(free_port) [sg-split]=$(free_port) [pgpool]=$(free_port) [sg-noryw]=$(free_port))
 
 echo "== cluster: primary :$P, replicas :$R1 :$R2 (in $WORK)" >&2
 as_pg "$PGBIN/initdb" -D "$WORK/p" -U postgres --auth=trust >/dev/null
@@ -100,7 +105,7 @@ for port in $R1 $R2; do
 done
 
 # --- shardgate (two instances: primary only, and read/write split) ---
-write_shardgate() { # name port replicas-yaml
+write_shardgate() { # name port replicas-yaml [read_your_writes]
   mkdir -p "$WORK/$1"
   cat >"$WORK/$1/map.yaml" <<EOF
 version: 1
@@ -112,6 +117,7 @@ EOF
   cat >"$WORK/$1/shardgate.yaml" <<EOF
 listen: 127.0.0.1:$2
 pool: { mode: transaction, size: $POOL, acquire_timeout: 30s }
+routing: { read_your_writes: ${4:-true} }
 users:
   - { name: app, password: app-secret }
 shard_map: map.yaml
@@ -122,6 +128,7 @@ EOF
 }
 write_shardgate sg-primary "${PORT[sg-primary]}" ""
 write_shardgate sg-split "${PORT[sg-split]}" "127.0.0.1:$R1, 127.0.0.1:$R2"
+write_shardgate sg-noryw "${PORT[sg-noryw]}" "127.0.0.1:$R1, 127.0.0.1:$R2" false
 
 # --- PgBouncer ---
 echo '"app" ""' >"$WORK/userlist.txt"
@@ -180,7 +187,7 @@ as_pg pgpool -n -f "$WORK/pgpool.conf" -F "$WORK/pcp.conf" >"$WORK/pgpool.log" 2
 PIDS+=($!)
 
 export PGPASSWORD=app-secret
-for t in "${TARGETS[@]}"; do
+for t in "${TARGETS[@]}" sg-noryw; do
   for _ in $(seq 1 100); do
     "$PGBIN/psql" -X -At -h 127.0.0.1 -p "${PORT[$t]}" -U app -d app -c "SELECT 1" >/dev/null 2>&1 && break
     sleep 0.1
@@ -195,6 +202,7 @@ proxy_pids() {
     pgbouncer) cat "$WORK/pgbouncer.pid" ;;
     sg-primary) echo "$PID_sg_primary" ;;
     sg-split) echo "$PID_sg_split" ;;
+    sg-noryw) echo "$PID_sg_noryw" ;;
     pgpool) pgrep -x pgpool || true ;;
   esac
 }
@@ -210,23 +218,32 @@ cpu_ticks() {
 
 RESULTS="$WORK/results.txt"
 : >"$RESULTS"
+run() { # round label target pgbench-args...
+  local round=$1 label=$2 t=$3
+  shift 3
+  local before after out ok tps tx failed
+  before=$(cpu_ticks "$t")
+  out=$("$PGBIN/pgbench" -n "$@" -c "$CLIENTS" -j "$JOBS" -T "$SECONDS_PER_RUN" \
+    -h 127.0.0.1 -p "${PORT[$t]}" -U app app 2>&1) && ok=1 || ok=0
+  after=$(cpu_ticks "$t")
+  tps=$(echo "$out" | awk '/^tps = /{print $3; exit}')
+  tx=$(echo "$out" | awk '/actually processed/{print $NF; exit}')
+  failed=$(echo "$out" | awk '/number of failed transactions/{print $5; exit}')
+  if [ "$ok" != 1 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ]; then
+    tps=fail
+    echo "   $t $label failed: $(echo "$out" | grep -m1 -iE 'error|fatal|abort' || true)" >&2
+  fi
+  echo "$round $label $t $tps ${tx:-0} $((after - before))" >>"$RESULTS"
+  echo "round $round  $label  $t: tps $tps" >&2
+}
 for round in $(seq 1 "$ROUNDS"); do
   for mode in "${MODES[@]}"; do
     for t in "${TARGETS[@]}"; do
-      before=$(cpu_ticks "$t")
-      out=$("$PGBIN/pgbench" -n -S -M "$mode" -c "$CLIENTS" -j "$JOBS" -T "$SECONDS_PER_RUN" \
-        -h 127.0.0.1 -p "${PORT[$t]}" -U app app 2>&1) && ok=1 || ok=0
-      after=$(cpu_ticks "$t")
-      tps=$(echo "$out" | awk '/^tps = /{print $3; exit}')
-      tx=$(echo "$out" | awk '/actually processed/{print $NF; exit}')
-      failed=$(echo "$out" | awk '/number of failed transactions/{print $5; exit}')
-      if [ "$ok" != 1 ] || [ -z "$tps" ] || [ "${failed:-0}" != 0 ]; then
-        tps=fail
-        echo "   $t $mode failed: $(echo "$out" | grep -m1 -iE 'error|fatal|abort' || true)" >&2
-      fi
-      echo "$round $mode $t $tps ${tx:-0} $((after - before))" >>"$RESULTS"
-      echo "round $round  $mode  $t: tps $tps" >&2
+      run "$round" "$mode" "$t" -S -M "$mode"
     done
+  done
+  for t in direct sg-split sg-noryw; do
+    run "$round" write "$t" -N -M prepared
   done
 done
 
@@ -259,4 +276,7 @@ awk -v clk="$CLK" -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
         printf "%12s", (tx[k] > 0 && !(k in failed)) ? sprintf("%.3f", ticks[k] / clk / tx[k] * 10000) : "-" }
       printf "\n"
     }
+    w = mean("write direct"); a = mean("write sg-split"); b = mean("write sg-noryw")
+    printf "\nwrite workload (pgbench -N -M prepared), TPS\n%12s%12s%12s%16s\n", "direct", "sg-split", "sg-noryw", "ryw cost"
+    printf "%12s%12s%12s%16s\n", show(w), show(a), show(b), (a > 0 && b > 0) ? sprintf("%.1f%%", (1 - a / b) * 100) : "-"
   }' "$RESULTS"
