@@ -27,8 +27,8 @@ CLIENTS=16
 JOBS=2
 SCALE=10
 POOL=16
-MODES=(simple extended prepared)
-TARGETS=(direct pgbouncer sg-primary sg-split pgpool)
+read -r -a MODES <<<"${BENCH_MODES:-simple extended prepared}"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-direct pgbouncer sg-primary sg-split pgpool}"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PGBIN=$(pg_config --bindir 2>/dev/null || true)
@@ -51,12 +51,14 @@ PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -f "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
+  [ -f "$WORK/pgpool.pid" ] && kill -INT "$(cat "$WORK/pgpool.pid")" 2>/dev/null || true
   for d in p r1 r2; do
     [ -d "$WORK/$d" ] && as_pg "$PGBIN/pg_ctl" -D "$WORK/$d" -m immediate stop >/dev/null 2>&1 || true
   done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -91,7 +93,7 @@ psql_p -d postgres -c "CREATE ROLE app LOGIN" -c "CREATE DATABASE app OWNER app"
 "$PGBIN/pgbench" -q -i -s "$SCALE" -h 127.0.0.1 -p "$P" -U app app >/dev/null 2>&1
 for r in r1:$R1 r2:$R2; do
   dir=${r%%:*} port=${r##*:}
-  as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$P" -U postgres -D "$WORK/$dir" -R -X stream >/dev/null
+  as_pg "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$P" -U postgres -D "$WORK/$dir" -R -X stream -c fast >/dev/null
   start_pg "$dir" "$port"
 done
 echo "== waiting for the replicas to catch up" >&2
