@@ -271,10 +271,10 @@ awk -v clk="$CLK" -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
         ratio(mean(m " sg-split"), mean(m " pgbouncer"))
     }
     printf "\nproxy CPU seconds per 10k transactions\n%-10s", ""
-    for (j = 2; j <= nt; j++) printf "%12s", T[j]; printf "\n"
+    for (j = 1; j <= nt; j++) if (T[j] != "direct") printf "%12s", T[j]; printf "\n"
     for (i = 1; i <= nm; i++) {
       printf "%-10s", M[i]
-      for (j = 2; j <= nt; j++) { k = M[i] " " T[j]
+      for (j = 1; j <= nt; j++) { k = M[i] " " T[j]; if (T[j] == "direct") continue
         printf "%12s", (tx[k] > 0 && !(k in failed)) ? sprintf("%.3f", ticks[k] / clk / tx[k] * 10000) : "-" }
       printf "\n"
     }

@@ -319,7 +319,7 @@ fn leading_hint(sql: &str) -> Option<TargetHint> {
 /// Recognises `SET [SESSION] shardgate.target {=|TO} value` and
 /// `RESET shardgate.target` (back to auto). Anything else, including an unknown value,
 /// is not ours and goes to the server (which then reports the problem).
-fn set_target(sql: &str) -> Option<TargetMode> {
+pub fn set_target(sql: &str) -> Option<TargetMode> {
     let sql = skip_blanks(sql);
     let mut words = Words(sql);
     let verb = words.next()?;

@@ -1,6 +1,14 @@
 //! The analysis cache: statement text -> `Analyzed`, so a repeated simple query is
 //! parsed once. Bounded, approximately least-recently-used, and cheap on a hit.
 //!
+//! The key is the text with its literals blanked (`WHERE aid = 48211` and
+//! `WHERE aid = 7` share `WHERE aid = ?`): classification never depends on a literal's
+//! value, and simple-protocol clients that inline values (pgbench -M simple, many ORMs)
+//! would otherwise miss every time. `SET shardgate.target`, whose value matters, is
+//! recognised before the cache. Texts the blanking cannot treat safely (backslash
+//! escapes, dollar quoting, unterminated quotes) and very long texts are keyed by
+//! their full text or not cached.
+//!
 //! Each shard keeps two generations of entries. Lookups search the young generation,
 //! then the old one (promoting the hit). When the young generation reaches half the
 //! shard's capacity the old one is dropped and the young one becomes old. An entry
@@ -8,11 +16,20 @@
 //! generations goes. Every operation is O(1) and a shard never holds more than its
 //! capacity, unlike an exact LRU that needs a linked list or an O(n) eviction scan.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
-use super::analyze::{analyze, Analyzed};
+use super::analyze::{analyze, set_target, Analyzed, StatementClass};
+
+/// Longer texts (bulk INSERTs, generated SQL) are analysed every time, not cached.
+const MAX_KEY_LEN: usize = 16 * 1024;
+
+thread_local! {
+    /// Scratch space for building keys without an allocation per lookup.
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+}
 
 /// Independent shards, so sessions on different threads rarely meet on one lock.
 const SHARDS: usize = 8;
@@ -43,14 +60,31 @@ impl AnalysisCache {
 
     /// The analysis of `sql`, from the cache or computed now (outside the lock).
     pub fn get_or_analyze(&self, sql: &str) -> Analyzed {
-        let shard = &self.shards[self.hasher.hash_one(sql) as usize % SHARDS];
-        if let Some(hit) = self.lookup(shard, sql) {
-            return hit;
+        if let Some(mode) = set_target(sql) {
+            return Analyzed {
+                class: StatementClass::SessionSet,
+                hint: None,
+                set_target: Some(mode),
+                parsed: true,
+            };
         }
-        let analyzed = analyze(sql);
-        let mut gens = shard.lock().unwrap_or_else(|e| e.into_inner());
-        gens.insert(sql.into(), analyzed, self.half);
-        analyzed
+        if sql.len() > MAX_KEY_LEN {
+            return analyze(sql);
+        }
+        KEY.with_borrow_mut(|key| {
+            if !cache_key(sql, key) {
+                key.clear();
+                key.push_str(sql);
+            }
+            let shard = &self.shards[self.hasher.hash_one(key.as_str()) as usize % SHARDS];
+            if let Some(hit) = self.lookup(shard, key) {
+                return hit;
+            }
+            let analyzed = analyze(sql);
+            let mut gens = shard.lock().unwrap_or_else(|e| e.into_inner());
+            gens.insert(key.as_str().into(), analyzed, self.half);
+            analyzed
+        })
     }
 
     fn lookup(&self, shard: &Mutex<Generations>, sql: &str) -> Option<Analyzed> {
@@ -78,6 +112,76 @@ impl AnalysisCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Writes `sql` with every string and numeric literal replaced by `?` into `out`.
+/// Returns false when that cannot be done safely: a backslash (E'' strings and
+/// `standard_conforming_strings = off` let it hide a quote's end), `$` quoting, or an
+/// unterminated quote or comment. Comments and quoted identifiers are kept verbatim,
+/// so hints stay part of the key.
+fn cache_key(sql: &str, out: &mut String) -> bool {
+    out.clear();
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut prev_ident = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\\' => return false,
+            b'$' if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => return false,
+            b'\'' => {
+                // '' inside a string is an escaped quote: skip pairs until a lone one.
+                let mut j = i + 1;
+                loop {
+                    match bytes[j..].iter().position(|&c| c == b'\'') {
+                        None => return false,
+                        Some(k) if bytes[j..j + k].contains(&b'\\') => return false,
+                        Some(k) if bytes.get(j + k + 1) == Some(&b'\'') => j += k + 2,
+                        Some(k) => {
+                            j += k + 1;
+                            break;
+                        }
+                    }
+                }
+                out.push_str("'?'");
+                i = j;
+                prev_ident = false;
+                continue;
+            }
+            b'"' | b'-' | b'/' => {
+                let end = match (b, bytes.get(i + 1)) {
+                    (b'"', _) => sql[i + 1..].find('"').map(|k| i + 1 + k + 1),
+                    (b'-', Some(b'-')) => {
+                        Some(sql[i..].find('\n').map_or(sql.len(), |k| i + k + 1))
+                    }
+                    (b'/', Some(b'*')) => sql[i + 2..].find("*/").map(|k| i + 2 + k + 2),
+                    _ => Some(i + 1),
+                };
+                let Some(end) = end else {
+                    return false;
+                };
+                out.push_str(&sql[i..end]);
+                prev_ident = b == b'"';
+                i = end;
+                continue;
+            }
+            b'0'..=b'9' if !prev_ident => {
+                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                out.push('?');
+                prev_ident = false;
+                continue;
+            }
+            _ => {}
+        }
+        // Copy one character (multi-byte ones whole).
+        let len = sql[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&sql[i..i + len]);
+        prev_ident = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        i += len;
+    }
+    true
 }
 
 impl Generations {
@@ -108,15 +212,76 @@ mod tests {
         assert_eq!(cache.len(), 2);
     }
 
+    fn key(sql: &str) -> Option<String> {
+        let mut out = String::new();
+        cache_key(sql, &mut out).then_some(out)
+    }
+
+    #[test]
+    fn keys_blank_literals_but_keep_names_comments_and_hints() {
+        assert_eq!(
+            key("SELECT abalance FROM pgbench_accounts WHERE aid = 48211;").as_deref(),
+            Some("SELECT abalance FROM pgbench_accounts WHERE aid = ?;")
+        );
+        assert_eq!(
+            key("SELECT 'it''s', 1.5, t2.c3, $1").as_deref(),
+            Some("SELECT '?', ?, t2.c3, $1")
+        );
+        assert_eq!(
+            key("/* shardgate: primary */ SELECT \"a'1\" -- 42\nFROM t").as_deref(),
+            Some("/* shardgate: primary */ SELECT \"a'1\" -- 42\nFROM t")
+        );
+        assert_eq!(
+            key("SELECT nextval('s1')").as_deref(),
+            Some("SELECT nextval('?')")
+        );
+        for unsafe_text in [
+            "SELECT E'\\''; DELETE FROM t; --'",
+            "SELECT $$x$$",
+            "SELECT 'open",
+            "/* open",
+        ] {
+            assert_eq!(key(unsafe_text), None, "{unsafe_text}");
+        }
+    }
+
+    #[test]
+    fn texts_differing_only_in_literals_share_an_entry_but_targets_do_not() {
+        let cache = AnalysisCache::new(64);
+        cache.get_or_analyze("SELECT * FROM t WHERE id = 1");
+        cache.get_or_analyze("SELECT * FROM t WHERE id = 2");
+        assert_eq!(cache.len(), 1);
+        use crate::routing::analyze::TargetMode;
+        assert_eq!(
+            cache
+                .get_or_analyze("SET shardgate.target = 'primary'")
+                .set_target,
+            Some(TargetMode::Primary)
+        );
+        assert_eq!(
+            cache
+                .get_or_analyze("SET shardgate.target = 'replica'")
+                .set_target,
+            Some(TargetMode::Replica)
+        );
+        // The backslash trick keeps its full text as the key and is a write.
+        let sneaky = cache.get_or_analyze("SELECT E'\\''; DELETE FROM t; --'");
+        assert_eq!(sneaky.class, StatementClass::Write);
+        assert_eq!(
+            cache.get_or_analyze("SELECT E'x'").class,
+            StatementClass::Read
+        );
+    }
+
     #[test]
     fn stays_bounded_and_keeps_hot_entries() {
         let cache = AnalysisCache::new(64);
         for i in 0..10_000 {
-            cache.get_or_analyze("SELECT 42");
-            cache.get_or_analyze(&format!("SELECT {i}"));
+            cache.get_or_analyze("SELECT 42 FROM hot");
+            cache.get_or_analyze(&format!("SELECT 1 FROM t{i}"));
             assert!(cache.len() <= 64 + SHARDS, "len {}", cache.len());
         }
-        let shard = &cache.shards[cache.hasher.hash_one("SELECT 42") as usize % SHARDS];
-        assert!(cache.lookup(shard, "SELECT 42").is_some());
+        let shard = &cache.shards[cache.hasher.hash_one("SELECT ? FROM hot") as usize % SHARDS];
+        assert!(cache.lookup(shard, "SELECT ? FROM hot").is_some());
     }
 }

@@ -12,6 +12,7 @@ use crate::frontend::prepared::PreparedStatement;
 use crate::frontend::session_sql;
 use crate::protocol::messages::{self, btag, tag};
 use crate::protocol::{decode_frame, Frame, ProtocolError};
+use crate::routing::analyze::StatementClass;
 
 const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
@@ -128,7 +129,13 @@ where
             self.push_synthetic_bytes(answer.freeze());
             return Ok(());
         }
-        let effects = session_sql::analyze(sql);
+        // A read has no session effects (SET, temp objects, advisory locks and
+        // set_config() all classify otherwise): skip the scan on the hot path.
+        let effects = if analyzed.class == StatementClass::Read {
+            session_sql::SessionEffects::default()
+        } else {
+            session_sql::analyze(sql)
+        };
         self.ensure_server(Some(&analyzed)).await?;
         self.note_statement(&analyzed);
         if let Some(conn) = self.server.as_mut() {
