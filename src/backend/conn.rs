@@ -263,6 +263,11 @@ impl ServerConn {
         }
     }
 
+    /// Whether `reset` has anything to do (an open transaction or untracked state).
+    pub fn needs_reset(&self) -> bool {
+        self.txn_status != b'I' || self.tainted
+    }
+
     /// Resets everything a client may have left behind, so the connection can serve
     /// anyone: ends a transaction, then DISCARD ALL when untracked state exists.
     pub async fn reset(&mut self) -> Result<(), BackendError> {

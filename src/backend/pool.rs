@@ -60,9 +60,15 @@ impl Pool {
 
     pub async fn acquire(self: &Arc<Self>) -> Result<PooledConn, BackendError> {
         let wait = self.settings.acquire_timeout;
-        let permit = match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(BackendError::AcquireTimeout(wait)),
+        // Fast path without a timer: most acquires find a free slot.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                match tokio::time::timeout(wait, self.permits.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => return Err(BackendError::AcquireTimeout(wait)),
+                }
+            }
         };
         let conn = match self.pop_idle() {
             Some(conn) => conn,

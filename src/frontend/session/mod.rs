@@ -435,6 +435,11 @@ where
             }
         }
         self.hold_wrote = false;
+        if !conn.needs_reset() {
+            // The common case: idle and clean, no round trip and no timer.
+            conn.release();
+            return;
+        }
         let reset = tokio::time::timeout(self.fe.settings.pool.acquire_timeout, conn.reset()).await;
         match reset {
             Ok(Ok(())) => conn.release(),
