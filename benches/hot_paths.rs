@@ -42,12 +42,14 @@ fn node(lsn: u64, in_recovery: bool) -> NodeFreshness {
 
 fn routing(c: &mut Criterion) {
     let cache = AnalysisCache::new(4096);
+    let wrote_at = std::time::Instant::now();
     let fresh = Freshness {
         nodes: vec![node(1000, false), node(1000, true), node(990, true)],
         generation: 1,
+        primary_marks: vec![(wrote_at, 995)],
     };
     let session = SessionRoute {
-        min_lsn: 995,
+        wrote_at: Some(wrote_at),
         ..Default::default()
     };
     let load = [3usize, 1, 0];

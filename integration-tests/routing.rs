@@ -238,6 +238,20 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
     for (_, port) in &cluster.replicas {
         pause(&cluster, *port, false).await;
     }
+    // Once the replicas have replayed past its writes, the writer reads from them
+    // again: the guarantee costs primary reads only until replicas catch up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let port = port_of(&writer, "SELECT inet_server_port()").await;
+        if replicas.contains(&port) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never read from a replica again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,7 @@
 //! every `lag_check_interval` and swaps it in.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -44,9 +45,22 @@ pub struct Freshness {
     pub nodes: Vec<NodeFreshness>,
     /// Increases with every published snapshot.
     pub generation: u64,
+    /// Recent primary probes, oldest first: when the probe was sent, and the primary's
+    /// WAL insert position it returned. Read-your-writes uses them (DESIGN 5.3).
+    pub primary_marks: Vec<(Instant, u64)>,
 }
 
 impl Freshness {
+    /// A WAL position that includes everything the primary committed before `t`: the
+    /// position of the first probe sent at or after `t` (a probe runs after it is
+    /// sent, so after the commit). None until such a probe has come back.
+    pub fn position_after(&self, t: Instant) -> Option<u64> {
+        self.primary_marks
+            .iter()
+            .find(|(sent, _)| *sent >= t)
+            .map(|&(_, lsn)| lsn)
+    }
+
     /// Replicas that may serve reads, as node indexes (never 0).
     pub fn eligible_replicas(&self) -> impl Iterator<Item = (usize, &NodeFreshness)> {
         self.nodes

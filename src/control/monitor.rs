@@ -30,11 +30,16 @@ use crate::topology::{parse_lsn, Exclusion, Freshness, NodeFreshness, SharedFres
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Primary positions remembered for time lag, at most.
 const MAX_HISTORY: usize = 1 << 16;
+/// Recent primary probes published for read-your-writes. A session that wrote before
+/// the oldest one uses the oldest (still a valid bound, only more conservative).
+const MAX_MARKS: usize = 64;
 
 /// Role, position and receive position in one round trip. On a primary the
-/// receive position is NULL.
+/// receive position is NULL, and the position is the insert position: with
+/// `synchronous_commit = off` a commit is acknowledged before its WAL is written, and
+/// read-your-writes must still count it.
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
      pg_last_wal_receive_lsn()::text";
 
 /// How the monitor reaches one node: index 0 of the list is the primary.
@@ -81,6 +86,8 @@ pub struct Sample {
     pub lsn: u64,
     /// Replica: last position received from the primary.
     pub received: Option<u64>,
+    /// When the probe query was sent (it ran on the server after this).
+    pub sent: std::time::Instant,
 }
 
 /// The snapshot before any probe: the primary takes everything, replicas nothing.
@@ -101,6 +108,7 @@ pub fn initial_freshness(nodes: &[MonitorNode]) -> Freshness {
     Freshness {
         nodes,
         generation: 0,
+        primary_marks: Vec::new(),
     }
 }
 
@@ -217,8 +225,9 @@ async fn probe(
             Err(_) => return (None, Err("connect: timed out".into())),
         },
     };
+    let sent = std::time::Instant::now();
     match tokio::time::timeout(timeout, client.simple_query(PROBE_SQL)).await {
-        Ok(Ok(messages)) => match parse_sample(&messages) {
+        Ok(Ok(messages)) => match parse_sample(&messages, sent) {
             Some(sample) => (Some(client), Ok(sample)),
             None => (None, Err("probe: unexpected answer".into())),
         },
@@ -245,7 +254,7 @@ async fn connect(node: &MonitorNode) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
-fn parse_sample(messages: &[SimpleQueryMessage]) -> Option<Sample> {
+fn parse_sample(messages: &[SimpleQueryMessage], sent: std::time::Instant) -> Option<Sample> {
     let row = messages.iter().find_map(|m| match m {
         SimpleQueryMessage::Row(r) => Some(r),
         _ => None,
@@ -254,6 +263,7 @@ fn parse_sample(messages: &[SimpleQueryMessage]) -> Option<Sample> {
         in_recovery: row.get(0)? == "true",
         lsn: parse_lsn(row.get(1)?)?,
         received: row.get(2).and_then(parse_lsn),
+        sent,
     })
 }
 
@@ -330,9 +340,19 @@ pub fn assess(
             }
         })
         .collect();
+    let mut primary_marks = prev.primary_marks.clone();
+    if let Some(Ok(s)) = samples.first() {
+        if !s.in_recovery {
+            if primary_marks.len() >= MAX_MARKS {
+                primary_marks.remove(0);
+            }
+            primary_marks.push((s.sent, s.lsn));
+        }
+    }
     Freshness {
         nodes,
         generation: prev.generation + 1,
+        primary_marks,
     }
 }
 

@@ -3,6 +3,8 @@
 //! tested without sockets; the session calls it once per server-connection loan.
 
 use super::analyze::{Analyzed, StatementClass, TargetHint, TargetMode};
+use std::time::Instant;
+
 use crate::topology::Freshness;
 
 /// Node index 0 is always the shard's primary.
@@ -13,16 +15,17 @@ pub const PRIMARY: usize = 0;
 pub struct SessionRoute {
     /// `SET shardgate.target`.
     pub mode: TargetMode,
-    /// Read-your-writes: the primary's WAL position after this session's last write
-    /// (0 when it never wrote). Replicas must have replayed at least this far.
-    pub min_lsn: u64,
+    /// Read-your-writes: when this session's last writing transaction had ended on
+    /// the primary (None when it never wrote). Replicas must have replayed a primary
+    /// position observed after that instant (`Freshness::position_after`).
+    pub wrote_at: Option<Instant>,
 }
 
 impl Default for SessionRoute {
     fn default() -> Self {
         SessionRoute {
             mode: TargetMode::Auto,
-            min_lsn: 0,
+            wrote_at: None,
         }
     }
 }
@@ -134,6 +137,11 @@ pub fn route(
     if fresh.nodes.len() <= 1 {
         return Route::primary(RouteReason::NoReplicas);
     }
+    // Not yet observed past the write: no replica can be proven to have it.
+    let min_lsn = match session.wrote_at {
+        None => 0,
+        Some(t) => fresh.position_after(t).unwrap_or(u64::MAX),
+    };
     let mut fresh_enough = false;
     let mut best: Option<(usize, usize)> = None; // (load, rotated index) -> node
     let replicas = fresh.nodes.len() - 1;
@@ -142,7 +150,7 @@ pub fn route(
             continue;
         }
         fresh_enough = true;
-        if state.lsn < session.min_lsn {
+        if state.lsn < min_lsn {
             continue;
         }
         let rotated = (node - 1 + replicas - tiebreak % replicas) % replicas;

@@ -26,6 +26,7 @@ fn primary(lsn: u64) -> Result<Sample, String> {
         in_recovery: false,
         lsn,
         received: None,
+        sent: std::time::Instant::now(),
     })
 }
 
@@ -34,6 +35,7 @@ fn replica(lsn: u64, received: u64) -> Result<Sample, String> {
         in_recovery: true,
         lsn,
         received: Some(received),
+        sent: std::time::Instant::now(),
     })
 }
 
@@ -162,4 +164,38 @@ fn failed_probes_and_promoted_replicas_are_excluded() {
         now,
     );
     assert!(f.nodes[0].excluded.is_none() && !f.nodes[0].healthy);
+}
+
+#[test]
+fn primary_probes_are_published_as_marks_for_read_your_writes() {
+    let h = PrimaryHistory::default();
+    let mut f = initial_freshness(&nodes());
+    let before = std::time::Instant::now();
+    for lsn in 0..(MAX_MARKS as u64 + 10) {
+        f = assess(
+            &f,
+            &[primary(lsn), replica(0, 0)],
+            &h,
+            &settings(),
+            Instant::now(),
+        );
+    }
+    assert_eq!(f.primary_marks.len(), MAX_MARKS);
+    assert_eq!(
+        f.primary_marks.last().map(|m| m.1),
+        Some(MAX_MARKS as u64 + 9)
+    );
+    // A write before every retained probe is bounded by the oldest one.
+    assert_eq!(f.position_after(before), Some(10));
+    // A write after the last probe has no bound yet.
+    assert_eq!(f.position_after(std::time::Instant::now()), None);
+    // A failed primary probe or a primary in recovery adds no mark.
+    let g = assess(
+        &f,
+        &[Err("down".into()), replica(0, 0)],
+        &h,
+        &settings(),
+        Instant::now(),
+    );
+    assert_eq!(g.primary_marks, f.primary_marks);
 }

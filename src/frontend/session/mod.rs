@@ -408,31 +408,9 @@ where
         self.replay = None;
         self.failed_nodes = 0;
         if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
-            // One extra round trip per writing transaction: the position at or past
-            // this session's commit, which replicas must replay before it reads there.
-            // The client gets its answer first, so the round trip overlaps with the
-            // client's next request instead of adding to this one's latency.
-            if !self.cout.is_empty() {
-                if self.wr.write_all(&self.cout).await.is_ok() {
-                    let _ = self.wr.flush().await;
-                }
-                self.cout.clear();
-            }
-            match conn
-                .query_scalar("SELECT pg_current_wal_insert_lsn()::text")
-                .await
-            {
-                Ok(Some(lsn)) => {
-                    if let Some(lsn) = crate::topology::parse_lsn(&lsn) {
-                        self.route.min_lsn = self.route.min_lsn.max(lsn);
-                    }
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "reading the WAL position failed; closing the connection");
-                    return;
-                }
-            }
+            // The transaction's commit is behind us (the server said idle): any primary
+            // position the monitor observes from now on includes it. No round trip.
+            self.route.wrote_at = Some(std::time::Instant::now());
         }
         self.hold_wrote = false;
         if !conn.needs_reset() {

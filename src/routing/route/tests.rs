@@ -20,6 +20,7 @@ fn shard(replicas: Vec<NodeFreshness>) -> Freshness {
     Freshness {
         nodes,
         generation: 1,
+        primary_marks: Vec::new(),
     }
 }
 
@@ -93,23 +94,43 @@ fn excluded_down_and_failed_replicas_are_skipped() {
 }
 
 #[test]
-fn read_your_writes_needs_a_replica_past_the_session_lsn() {
-    let fresh = shard(vec![node(900, None), node(1200, None)]);
+fn read_your_writes_needs_a_replica_past_a_primary_position_seen_after_the_write() {
+    let t0 = Instant::now();
+    let ms = std::time::Duration::from_millis;
+    let mut fresh = shard(vec![node(900, None), node(1200, None)]);
+    // Primary probes sent at t0+10ms (position 800) and t0+20ms (position 1000).
+    fresh.primary_marks = vec![(t0 + ms(10), 800), (t0 + ms(20), 1000)];
     let read = stmt(READ, None);
+    // Wrote at t0+15ms: the probe at t0+20ms bounds it (1000); only node 2 has that.
     let s = SessionRoute {
         mode: TargetMode::Auto,
-        min_lsn: 1000,
+        wrote_at: Some(t0 + ms(15)),
     };
     for t in 0..4 {
         assert_eq!(route(&read, &s, &fresh, &[], 0, t).node, 2);
     }
+    // Wrote before every probe: the oldest bounds it (800); both replicas qualify.
     let s = SessionRoute {
         mode: TargetMode::Auto,
-        min_lsn: 5000,
+        wrote_at: Some(t0),
+    };
+    let picks: Vec<usize> = (0..4)
+        .map(|t| route(&read, &s, &fresh, &[], 0, t).node)
+        .collect();
+    assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
+    // Wrote after the last probe: nothing proves a replica has it yet.
+    let s = SessionRoute {
+        mode: TargetMode::Auto,
+        wrote_at: Some(t0 + ms(25)),
     };
     assert_eq!(
         route(&read, &s, &fresh, &[], 0, 0),
         Route::primary(RouteReason::NotCaughtUp)
+    );
+    // Writes still go to the primary as writes.
+    assert_eq!(
+        route(&stmt(StatementClass::Write, None), &s, &fresh, &[], 0, 0),
+        Route::primary(RouteReason::Write)
     );
 }
 
@@ -142,7 +163,7 @@ fn hints_and_session_target_override_the_class() {
     );
     let primary = SessionRoute {
         mode: TargetMode::Primary,
-        min_lsn: 0,
+        wrote_at: None,
     };
     assert_eq!(
         route(&stmt(READ, None), &primary, &fresh, &[], 0, 0),
@@ -150,7 +171,7 @@ fn hints_and_session_target_override_the_class() {
     );
     let replica = SessionRoute {
         mode: TargetMode::Replica,
-        min_lsn: 0,
+        wrote_at: None,
     };
     assert_eq!(
         route(
