@@ -11,6 +11,9 @@
 #   sg-split    shardgate with the primary and 2 streaming replicas (reads on replicas)
 #   pgpool      Pgpool-II, streaming-replication mode, load balancing over the replicas
 #   sg-noryw    sg-split with read_your_writes off (only in the write workload below)
+#   sg-1w       sg-primary on one tokio worker thread (TOKIO_WORKER_THREADS=1)
+#   replica     one replica directly (not in the default list; BENCH_TARGETS adds it)
+# BENCH_TARGETS and BENCH_MODES (space-separated) narrow a run.
 #
 # A second, write workload (pgbench -N, prepared) runs against direct, sg-split and
 # sg-noryw: the difference between the last two is the cost of read-your-writes (one
@@ -28,7 +31,7 @@ JOBS=2
 SCALE=10
 POOL=16
 read -r -a MODES <<<"${BENCH_MODES:-simple extended prepared}"
-read -r -a TARGETS <<<"${BENCH_TARGETS:-direct pgbouncer sg-primary sg-split pgpool}"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-direct pgbouncer sg-primary sg-1w sg-split pgpool}"
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PGBIN=$(pg_config --bindir 2>/dev/null || true)
@@ -65,7 +68,7 @@ free_port() {
 }
 
 P=$(free_port); R1=$(free_port); R2=$(free_port)
-declare -A PORT=([direct]=$P [pgbouncer]=$(free_port) [sg-primary]=$(free_port) [sg-split]=$(free_port) [pgpool]=$(free_port) [sg-noryw]=$(free_port))
+declare -A PORT=([direct]=$P [replica]=$R1 [pgbouncer]=$(free_port) [sg-primary]=$(free_port) [sg-split]=$(free_port) [pgpool]=$(free_port) [sg-noryw]=$(free_port) [sg-1w]=$(free_port))
 
 echo "== cluster: primary :$P, replicas :$R1 :$R2 (in $WORK)" >&2
 as_pg "$PGBIN/initdb" -D "$WORK/p" -U postgres --auth=trust >/dev/null
@@ -107,7 +110,7 @@ for port in $R1 $R2; do
 done
 
 # --- shardgate (two instances: primary only, and read/write split) ---
-write_shardgate() { # name port replicas-yaml [read_your_writes]
+write_shardgate() { # name port replicas-yaml [read_your_writes] [worker threads]
   mkdir -p "$WORK/$1"
   cat >"$WORK/$1/map.yaml" <<EOF
 version: 1
@@ -124,13 +127,14 @@ users:
   - { name: app, password: app-secret }
 shard_map: map.yaml
 EOF
-  RUST_LOG=warn "$SHARDGATE" --config "$WORK/$1/shardgate.yaml" 2>"$WORK/$1.log" &
+  TOKIO_WORKER_THREADS=${5:-$(nproc)} RUST_LOG=warn "$SHARDGATE" --config "$WORK/$1/shardgate.yaml" 2>"$WORK/$1.log" &
   PIDS+=($!)
   eval "PID_${1//-/_}=$!"
 }
 write_shardgate sg-primary "${PORT[sg-primary]}" ""
 write_shardgate sg-split "${PORT[sg-split]}" "127.0.0.1:$R1, 127.0.0.1:$R2"
 write_shardgate sg-noryw "${PORT[sg-noryw]}" "127.0.0.1:$R1, 127.0.0.1:$R2" false
+write_shardgate sg-1w "${PORT[sg-1w]}" "" true 1
 
 # --- PgBouncer ---
 echo '"app" ""' >"$WORK/userlist.txt"
@@ -200,11 +204,12 @@ done
 CLK=$(getconf CLK_TCK)
 proxy_pids() {
   case $1 in
-    direct) ;;
+    direct | replica) ;;
     pgbouncer) cat "$WORK/pgbouncer.pid" ;;
     sg-primary) echo "$PID_sg_primary" ;;
     sg-split) echo "$PID_sg_split" ;;
     sg-noryw) echo "$PID_sg_noryw" ;;
+    sg-1w) echo "$PID_sg_1w" ;;
     pgpool) pgrep -x pgpool || true ;;
   esac
 }
@@ -271,10 +276,10 @@ awk -v clk="$CLK" -v modes="${MODES[*]}" -v targets="${TARGETS[*]}" '
         ratio(mean(m " sg-split"), mean(m " pgbouncer"))
     }
     printf "\nproxy CPU seconds per 10k transactions\n%-10s", ""
-    for (j = 1; j <= nt; j++) if (T[j] != "direct") printf "%12s", T[j]; printf "\n"
+    for (j = 1; j <= nt; j++) if (T[j] != "direct" && T[j] != "replica") printf "%12s", T[j]; printf "\n"
     for (i = 1; i <= nm; i++) {
       printf "%-10s", M[i]
-      for (j = 1; j <= nt; j++) { k = M[i] " " T[j]; if (T[j] == "direct") continue
+      for (j = 1; j <= nt; j++) { k = M[i] " " T[j]; if (T[j] == "direct" || T[j] == "replica") continue
         printf "%12s", (tx[k] > 0 && !(k in failed)) ? sprintf("%.3f", ticks[k] / clk / tx[k] * 10000) : "-" }
       printf "\n"
     }
