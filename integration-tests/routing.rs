@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::proxy::{start_proxy, ProxyOptions, TestProxy};
 use common::{own_cluster, shared_cluster, superuser_client, unique_name, TestCluster};
 use shardgate::routing::route::RouteReason;
+use shardgate::topology::Exclusion;
 
 async fn port_of(client: &tokio_postgres::Client, sql: &str) -> u16 {
     let rows = client
@@ -285,4 +286,29 @@ async fn reads_survive_a_replica_crash() {
     }
     assert_eq!(errors, 0);
     assert!(!ports.contains(&cluster.replicas[0].1.to_string()));
+    // The monitor notices on its own and excludes the dead replica from routing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = proxy.handle.frontend.fresh.load();
+        if matches!(fresh.nodes[1].excluded, Some(Exclusion::Down(_))) && !fresh.nodes[1].healthy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "monitor still sees {:?}",
+            fresh.nodes[1]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(fresh_replica_count(&proxy) == 1);
+}
+
+fn fresh_replica_count(proxy: &TestProxy) -> usize {
+    proxy
+        .handle
+        .frontend
+        .fresh
+        .load()
+        .eligible_replicas()
+        .count()
 }
