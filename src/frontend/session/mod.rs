@@ -327,7 +327,12 @@ where
         };
         loop {
             let fresh = self.fe.fresh.load();
-            let load: Vec<usize> = self.pools.iter().map(|p| p.outstanding()).collect();
+            // On the stack: no allocation per transaction. Nodes past 16 count as idle.
+            let mut load = [0usize; 16];
+            for (slot, pool) in load.iter_mut().zip(&self.pools) {
+                *slot = pool.outstanding();
+            }
+            let load = &load[..self.pools.len().min(16)];
             let tiebreak = self
                 .fe
                 .route_counter
@@ -336,7 +341,7 @@ where
                 analyzed,
                 &self.route,
                 &fresh,
-                &load,
+                load,
                 self.failed_nodes,
                 tiebreak,
             );
