@@ -312,3 +312,40 @@ fn fresh_replica_count(proxy: &TestProxy) -> usize {
         .eligible_replicas()
         .count()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_dying_mid_result_is_reported_not_hidden() {
+    use futures_util::{pin_mut, TryStreamExt};
+    let cluster = own_cluster(1);
+    let replica = cluster.replicas[0].1;
+    let proxy = start_proxy(&cluster, ProxyOptions::default()).await;
+    wait_replicas_serving(&proxy, &replica_ports(&cluster)).await;
+    let client = proxy.client().await;
+    // Rows of 1 kB, 5 ms apart: the server flushes every few rows, so the client
+    // holds part of the answer well before the end.
+    let sql = "SELECT inet_server_port(), repeat('x', 1000), pg_sleep(0.005) FROM generate_series(1, 2000)";
+    let rows = client
+        .query_raw(sql, std::iter::empty::<i32>())
+        .await
+        .unwrap();
+    pin_mut!(rows);
+    let first = rows.try_next().await.unwrap().expect("a first row");
+    assert_eq!(first.get::<_, i32>(0) as u16, replica);
+    let local = cluster.local.as_ref().expect("own cluster is local");
+    local.kill_node(&local.replicas()[0]);
+    let mut received = 1;
+    let outcome = loop {
+        match rows.try_next().await {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let err = outcome.expect_err("a truncated result must end in an error");
+    assert!(received < 2000, "{received} rows");
+    eprintln!("after {received} rows: {err}");
+    // The proxy is fine, and the next read is served (by the primary now).
+    let again = proxy.client().await;
+    let port = port_of(&again, "SELECT inet_server_port()").await;
+    assert_eq!(port, cluster.primary.1);
+}
