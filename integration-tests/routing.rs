@@ -135,6 +135,27 @@ async fn transactions_and_hints_pick_their_node() {
         .await
         .unwrap();
     assert!(replicas.contains(&port_of(&client, "SELECT inet_server_port()").await));
+    // The same through the extended protocol (what JDBC and most drivers send).
+    client
+        .execute("SET shardgate.target = 'primary'", &[])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let row = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0) as u16, primary);
+    }
+    client
+        .execute("SET shardgate.target = 'auto'", &[])
+        .await
+        .unwrap();
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert!(replicas.contains(&(row.get::<_, i32>(0) as u16)));
 }
 
 async fn pause(c: &TestCluster, port: u16, on: bool) {

@@ -17,6 +17,9 @@ use crate::routing::analyze::StatementClass;
 const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
 const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
 const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
+const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
+const NO_DATA: &[u8] = &[btag::NO_DATA, 0, 0, 0, 4];
+const NO_PARAMETERS: &[u8] = &[btag::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0];
 
 impl<R, W> Session<R, W>
 where
@@ -56,7 +59,7 @@ where
                 tag::CLOSE => self.on_close(frame).await?,
                 tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
                 tag::SYNC => self.on_sync(frame),
-                tag::EXECUTE => self.forward_needing_server(frame, Expect::Execute).await?,
+                tag::EXECUTE => self.on_execute(frame).await?,
                 tag::FUNCTION_CALL => {
                     self.forward_needing_server(frame, Expect::FunctionCall)
                         .await?
@@ -147,9 +150,37 @@ where
         Ok(())
     }
 
+    async fn on_execute(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        let portal = frame.body().split(|&b| b == 0).next().unwrap_or_default();
+        match self.target_portal.take() {
+            Some((name, mode)) if name.as_bytes() == portal => {
+                self.route.mode = mode;
+                let mut answer = bytes::BytesMut::new();
+                messages::command_complete(&mut answer, "SET");
+                self.push_synthetic_bytes(answer.freeze());
+                Ok(())
+            }
+            other => {
+                self.target_portal = other;
+                self.forward_needing_server(frame, Expect::Execute).await
+            }
+        }
+    }
+
     async fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let parse = messages::decode_parse(frame)?;
         let stmt = self.fe.statements.register(parse.query, &parse.param_types);
+        if stmt.analyzed.set_target.is_some() {
+            // `SET shardgate.target` through the extended protocol: ours, like its
+            // simple-query form; no server sees it.
+            if parse.name.is_empty() {
+                self.unnamed = Some(stmt);
+            } else {
+                self.statements.insert(parse.name.to_owned(), stmt);
+            }
+            self.push_synthetic(PARSE_COMPLETE);
+            return Ok(());
+        }
         if !parse.name.is_empty() && self.server.is_none() && stmt.is_validated() {
             // Between transactions, a statement some server already accepted needs no
             // server now. This also keeps clients that prepare synchronously (pgbench
@@ -238,6 +269,11 @@ where
     async fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let bind = messages::decode_bind(frame)?;
         let stmt = self.client_statement(bind.statement);
+        if let Some(mode) = stmt.as_ref().and_then(|s| s.analyzed.set_target) {
+            self.target_portal = Some((bind.portal.to_owned(), mode));
+            self.push_synthetic(BIND_COMPLETE);
+            return Ok(());
+        }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;
         if let Some(stmt) = &stmt {
@@ -271,6 +307,18 @@ where
         } else {
             None
         };
+        let ours = match (kind, &stmt, &self.target_portal) {
+            (b'S', Some(stmt), _) => stmt.analyzed.set_target.is_some(),
+            (b'P', _, Some((portal, _))) => portal == name,
+            _ => false,
+        };
+        if ours {
+            if kind == b'S' {
+                self.push_synthetic(NO_PARAMETERS);
+            }
+            self.push_synthetic(NO_DATA);
+            return Ok(());
+        }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;
         match (kind, stmt) {

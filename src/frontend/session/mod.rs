@@ -111,6 +111,9 @@ pub struct Session<R, W> {
     skipping: bool,
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
+    /// A portal bound to `SET shardgate.target` (extended protocol): its Execute is
+    /// answered by the proxy.
+    target_portal: Option<(String, crate::routing::analyze::TargetMode)>,
     params: SessionParams,
     startup_params: SessionParams,
     /// Session effects of statements whose transaction has not ended yet.
@@ -155,6 +158,7 @@ where
             skipping: false,
             statements: HashMap::new(),
             unnamed: None,
+            target_portal: None,
             startup_params: init.params.clone(),
             params: init.params,
             pending: Vec::new(),
