@@ -49,34 +49,42 @@ pub struct StatementRegistry {
 
 #[derive(Default)]
 struct Registry {
-    by_text: HashMap<(String, Vec<u32>), Arc<PreparedStatement>>,
+    /// Keyed by a hash of (text, parameter types), so a lookup borrows the client's
+    /// bytes instead of copying them; equal hashes are told apart by comparing.
+    by_text: HashMap<u64, Vec<Arc<PreparedStatement>>>,
+    count: usize,
+    hasher: std::hash::RandomState,
     next_id: u64,
 }
 
 impl StatementRegistry {
     pub fn register(&self, query: &str, param_types: &[u32]) -> Arc<PreparedStatement> {
+        use std::hash::BuildHasher;
         let mut reg = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // Lookup by borrowed parts would need a custom key type; the clone is per Parse,
-        // not per execution.
-        let key = (query.to_owned(), param_types.to_vec());
-        if let Some(stmt) = reg.by_text.get(&key) {
+        let hash = reg.hasher.hash_one((query, param_types));
+        if let Some(stmt) = reg.by_text.get(&hash).and_then(|same| {
+            same.iter()
+                .find(|s| s.query == query && s.param_types == param_types)
+        }) {
             return stmt.clone();
         }
-        if reg.by_text.len() >= MAX_REGISTERED {
+        if reg.count >= MAX_REGISTERED {
             reg.by_text.clear();
+            reg.count = 0;
         }
         reg.next_id += 1;
+        reg.count += 1;
         let id = reg.next_id;
         let stmt = Arc::new(PreparedStatement {
             id,
             server_name: format!("sg_{id}"),
-            query: key.0.clone(),
-            param_types: key.1.clone(),
+            query: query.to_owned(),
+            param_types: param_types.to_vec(),
             effects: session_sql::analyze(query),
             analyzed: Arc::new(analyze::analyze(query)),
             validated: AtomicBool::new(false),
         });
-        reg.by_text.insert(key, stmt.clone());
+        reg.by_text.entry(hash).or_default().push(stmt.clone());
         stmt
     }
 }
