@@ -376,12 +376,12 @@ where
         ) {
             self.hold_wrote = true;
         }
-        if let Some(frames) = self.replay.as_mut() {
-            if !route::is_read(analyzed.class) && analyzed.class != StatementClass::TxnControl {
-                // Not a plain read: never run it twice.
-                let _ = frames;
-                self.replay = None;
-            }
+        if self.replay.is_some()
+            && !route::is_read(analyzed.class)
+            && analyzed.class != StatementClass::TxnControl
+        {
+            // Not a plain read: never run it twice.
+            self.replay = None;
         }
     }
 
