@@ -112,7 +112,6 @@ where
         frame: &Frame,
         expect: Expect,
     ) -> Result<(), SessionError> {
-        // Execute and FunctionCall without a held server: the primary.
         self.ensure_server(None).await?;
         self.sout.extend_from_slice(&frame.raw);
         self.push(Op::Forward(expect));

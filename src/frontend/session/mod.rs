@@ -28,8 +28,17 @@ use crate::backend::params::SessionParams;
 use crate::backend::{BackendError, Pool, PooledConn};
 use crate::protocol::messages;
 use crate::protocol::ProtocolError;
-use crate::routing::analyze::{Analyzed, StatementClass};
+use crate::routing::analyze::{Analyzed, StatementClass, TargetMode};
 use crate::routing::route::{self, SessionRoute, PRIMARY};
+
+/// What routing assumes for messages it cannot attribute to a statement (Execute or
+/// FunctionCall with no server held, a Bind of an unknown statement): the primary.
+const UNANALYZED: Analyzed = Analyzed {
+    class: StatementClass::Write,
+    hint: None,
+    set_target: None,
+    parsed: true,
+};
 
 /// Bytes buffered towards one peer before we stop reading from the other.
 const OUT_LIMIT: usize = 256 * 1024;
@@ -140,6 +149,10 @@ where
     W: AsyncWrite + Unpin,
 {
     pub fn new(init: SessionInit, rd: R, wr: W, leftover: BytesMut) -> Self {
+        let mode = match init.fe.settings.pool_mode {
+            PoolMode::Transaction => TargetMode::Auto,
+            PoolMode::Session => TargetMode::Primary,
+        };
         Session {
             fe: init.fe,
             rd,
@@ -150,7 +163,13 @@ where
             pools: init.pools,
             server: None,
             server_node: PRIMARY,
-            route: SessionRoute::default(),
+            route: SessionRoute {
+                // Session pooling lends one connection for the whole session, which
+                // must be able to write: the session targets the primary unless the
+                // client says otherwise (docs/decisions.md).
+                mode,
+                wrote_at: None,
+            },
             failed_nodes: 0,
             replay: None,
             hold_wrote: false,
@@ -317,18 +336,7 @@ where
         &mut self,
         analyzed: Option<&Analyzed>,
     ) -> Result<(usize, PooledConn), SessionError> {
-        let primary_only = Analyzed {
-            class: StatementClass::Write,
-            hint: None,
-            set_target: None,
-            parsed: true,
-        };
-        // Session pooling lends one connection for the whole session, which must be
-        // able to write: it comes from the primary (docs/decisions.md).
-        let analyzed = match analyzed {
-            Some(a) if self.fe.settings.pool_mode == PoolMode::Transaction => a,
-            _ => &primary_only,
-        };
+        let analyzed = analyzed.unwrap_or(&UNANALYZED);
         loop {
             let fresh = self.fe.fresh.load();
             // On the stack: no allocation per transaction. Nodes past 16 count as idle.
