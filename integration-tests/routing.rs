@@ -370,3 +370,42 @@ async fn a_replica_dying_mid_result_is_reported_not_hidden() {
     let port = port_of(&again, "SELECT inet_server_port()").await;
     assert_eq!(port, cluster.primary.1);
 }
+
+/// One frontend message: tag, length, body.
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Parse + Bind (unnamed statement into the unnamed portal), no parameters.
+fn parse_bind(sql: &str) -> Vec<u8> {
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut out = frame(b'P', &parse);
+    out.extend(frame(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebound_portal_is_no_longer_the_proxys_set() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    common::raw::login(&mut s, &proxy).await;
+    // The SET is bound but never executed; the portal is then bound to a SELECT.
+    let mut batch = parse_bind("SET shardgate.target = 'primary'");
+    batch.extend(parse_bind("SELECT 42"));
+    batch.extend(frame(b'E', &[0, 0, 0, 0, 0]));
+    batch.extend(frame(b'S', &[]));
+    s.write_all(&batch).await.unwrap();
+    let mut inbuf = bytes::BytesMut::new();
+    let answer = common::raw::read_until_ready(&mut s, &mut inbuf).await;
+    let tags: Vec<u8> = answer.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"1212DCZ".to_vec(), "{answer:?}");
+    let (_, row) = &answer[4];
+    assert!(row.ends_with(b"42"), "{row:?}");
+}

@@ -273,6 +273,14 @@ where
             self.push_synthetic(BIND_COMPLETE);
             return Ok(());
         }
+        if self
+            .target_portal
+            .as_ref()
+            .is_some_and(|(portal, _)| portal == bind.portal)
+        {
+            // The portal name now means another statement, which the server runs.
+            self.target_portal = None;
+        }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;
         if let Some(stmt) = &stmt {
