@@ -5,9 +5,10 @@
 //!
 //! Lag in time is measured against the primary's own history, not against
 //! `pg_last_xact_replay_timestamp()` (which on an idle primary grows forever): the
-//! monitor remembers when it first saw the primary at each WAL position, and a
-//! replica that has replayed up to L is as far behind as the time since the primary
-//! was first seen past L. It is zero when the replica has replayed everything it
+//! monitor keeps every probe of the primary (when it was sent, the insert position it
+//! returned), and a replica that has replayed up to L is as far behind as the time
+//! since the first probe that saw the primary past L. The same record, its recent
+//! end, is published for read-your-writes. It is zero when the replica has replayed everything it
 //! received, or everything the primary had. Lag in bytes is the primary's position
 //! minus the replica's replay position.
 //!
@@ -147,9 +148,9 @@ async fn run(nodes: Vec<MonitorNode>, settings: MonitorSettings, fresh: SharedFr
     loop {
         tick.tick().await;
         let samples = probe_round(&mut states, &settings).await;
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         if let Some(Ok(primary)) = samples.first() {
-            history.observe(now, primary.lsn, settings.max_lag * 2);
+            history.observe(primary, settings.max_lag * 2);
         }
         let prev = fresh.load_full();
         let next = assess(&prev, &samples, &history, &settings, now);
@@ -267,23 +268,31 @@ fn parse_sample(messages: &[SimpleQueryMessage], sent: std::time::Instant) -> Op
     })
 }
 
-/// When the monitor first saw the primary at each WAL position (deduplicated,
-/// oldest first), kept for `retain` so a lag longer than that still shows as
-/// "at least `retain`".
+/// Every successful probe of the primary, oldest first: when the probe was sent and
+/// the WAL insert position it returned. One record serves both uses of the primary's
+/// past: time lag (since when has the primary had WAL beyond a replica's position?)
+/// and read-your-writes (the snapshot publishes the last `MAX_MARKS` probes).
+/// Kept for `retain` (and at least `MAX_MARKS` probes), plus one older probe, so a lag
+/// longer than the window still shows as "at least the window".
 #[derive(Debug, Default)]
 pub struct PrimaryHistory {
-    samples: VecDeque<(Instant, u64)>,
+    samples: VecDeque<(std::time::Instant, u64)>,
 }
 
 impl PrimaryHistory {
-    pub fn observe(&mut self, now: Instant, lsn: u64, retain: Duration) {
-        if self.samples.back().is_none_or(|&(_, last)| lsn > last) {
-            self.samples.push_back((now, lsn));
+    /// Records a primary probe. A position below the last one (the primary was
+    /// replaced or restored) starts the history over: positions must not decrease.
+    pub fn observe(&mut self, sample: &Sample, retain: Duration) {
+        if sample.in_recovery {
+            return;
         }
-        // Keep one sample older than the window: it bounds the lag from below.
-        while self.samples.len() > 1
-            && (self.samples.len() > MAX_HISTORY
-                || self.samples[1].0 + retain.max(Duration::from_secs(1)) < now)
+        if self.latest().is_some_and(|last| sample.lsn < last) {
+            self.samples.clear();
+        }
+        self.samples.push_back((sample.sent, sample.lsn));
+        let retain = retain.max(Duration::from_secs(1));
+        while self.samples.len() > MAX_MARKS.max(2)
+            && (self.samples.len() > MAX_HISTORY || self.samples[1].0 + retain < sample.sent)
         {
             self.samples.pop_front();
         }
@@ -293,12 +302,20 @@ impl PrimaryHistory {
         self.samples.back().map(|&(_, lsn)| lsn)
     }
 
-    /// How long the primary has had WAL beyond `replayed`.
-    pub fn lag(&self, now: Instant, replayed: u64) -> Duration {
-        match self.samples.iter().find(|&&(_, lsn)| lsn > replayed) {
+    /// How long the primary has had WAL beyond `replayed`: since the first probe that
+    /// saw a position past it. Positions never decrease, so this is a binary search.
+    pub fn lag(&self, now: std::time::Instant, replayed: u64) -> Duration {
+        let first_past = self.samples.partition_point(|&(_, lsn)| lsn <= replayed);
+        match self.samples.get(first_past) {
             Some(&(since, _)) => now.saturating_duration_since(since),
             None => Duration::ZERO,
         }
+    }
+
+    /// The most recent `n` probes, oldest first, for the snapshot.
+    pub fn recent(&self, n: usize) -> Vec<(std::time::Instant, u64)> {
+        let skip = self.samples.len().saturating_sub(n);
+        self.samples.iter().skip(skip).copied().collect()
     }
 }
 
@@ -309,7 +326,7 @@ pub fn assess(
     samples: &[Result<Sample, String>],
     history: &PrimaryHistory,
     settings: &MonitorSettings,
-    now: Instant,
+    now: std::time::Instant,
 ) -> Freshness {
     let nodes = samples
         .iter()
@@ -340,19 +357,10 @@ pub fn assess(
             }
         })
         .collect();
-    let mut primary_marks = prev.primary_marks.clone();
-    if let Some(Ok(s)) = samples.first() {
-        if !s.in_recovery {
-            if primary_marks.len() >= MAX_MARKS {
-                primary_marks.remove(0);
-            }
-            primary_marks.push((s.sent, s.lsn));
-        }
-    }
     Freshness {
         nodes,
         generation: prev.generation + 1,
-        primary_marks,
+        primary_marks: history.recent(MAX_MARKS),
     }
 }
 
@@ -362,7 +370,7 @@ fn assess_replica(
     s: &Sample,
     history: &PrimaryHistory,
     settings: &MonitorSettings,
-    now: Instant,
+    now: std::time::Instant,
 ) -> NodeFreshness {
     let primary = history.latest().unwrap_or(s.lsn);
     let lag_bytes = primary.saturating_sub(s.lsn);

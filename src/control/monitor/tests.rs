@@ -1,4 +1,5 @@
 use super::*;
+use std::time::Instant;
 
 fn settings() -> MonitorSettings {
     MonitorSettings {
@@ -30,6 +31,16 @@ fn primary(lsn: u64) -> Result<Sample, String> {
     })
 }
 
+/// A primary probe sent at `at`.
+fn probe(at: Instant, lsn: u64) -> Sample {
+    Sample {
+        in_recovery: false,
+        lsn,
+        received: None,
+        sent: at,
+    }
+}
+
 fn replica(lsn: u64, received: u64) -> Result<Sample, String> {
     Ok(Sample {
         in_recovery: true,
@@ -51,9 +62,15 @@ fn before_any_probe_only_the_primary_serves() {
 fn time_lag_counts_from_when_the_primary_passed_the_replay_position() {
     let t0 = Instant::now();
     let mut h = PrimaryHistory::default();
-    h.observe(t0, 100, Duration::from_secs(10));
-    h.observe(t0 + Duration::from_secs(1), 200, Duration::from_secs(10));
-    h.observe(t0 + Duration::from_secs(2), 200, Duration::from_secs(10));
+    h.observe(&probe(t0, 100), Duration::from_secs(10));
+    h.observe(
+        &probe(t0 + Duration::from_secs(1), 200),
+        Duration::from_secs(10),
+    );
+    h.observe(
+        &probe(t0 + Duration::from_secs(2), 200),
+        Duration::from_secs(10),
+    );
     let now = t0 + Duration::from_secs(3);
     assert_eq!(h.lag(now, 200), Duration::ZERO);
     assert_eq!(h.lag(now, 150), Duration::from_secs(2));
@@ -64,7 +81,7 @@ fn time_lag_counts_from_when_the_primary_passed_the_replay_position() {
 fn an_idle_caught_up_replica_has_no_lag_however_old_its_last_replay() {
     let t0 = Instant::now();
     let mut h = PrimaryHistory::default();
-    h.observe(t0, 500, Duration::from_secs(2));
+    h.observe(&probe(t0, 500), Duration::from_secs(2));
     let now = t0 + Duration::from_secs(3600);
     let prev = initial_freshness(&nodes());
     let next = assess(
@@ -85,10 +102,9 @@ fn a_replica_excluded_for_lag_returns_only_well_under_the_limit() {
     let t0 = Instant::now();
     let mut h = PrimaryHistory::default();
     let s = settings();
-    h.observe(t0, 100, Duration::from_secs(10));
+    h.observe(&probe(t0, 100), Duration::from_secs(10));
     h.observe(
-        t0 + Duration::from_millis(100),
-        5000,
+        &probe(t0 + Duration::from_millis(100), 5000),
         Duration::from_secs(10),
     );
     let now = t0 + Duration::from_millis(200);
@@ -117,8 +133,11 @@ fn a_replica_excluded_for_lag_returns_only_well_under_the_limit() {
 fn paused_replay_is_lag_in_time() {
     let t0 = Instant::now();
     let mut h = PrimaryHistory::default();
-    h.observe(t0, 100, Duration::from_secs(10));
-    h.observe(t0 + Duration::from_millis(50), 110, Duration::from_secs(10));
+    h.observe(&probe(t0, 100), Duration::from_secs(10));
+    h.observe(
+        &probe(t0 + Duration::from_millis(50), 110),
+        Duration::from_secs(10),
+    );
     let now = t0 + Duration::from_millis(1500);
     let prev = initial_freshness(&nodes());
     // Only 10 bytes behind, but received WAL has waited 1.45 s to be replayed.
@@ -168,10 +187,12 @@ fn failed_probes_and_promoted_replicas_are_excluded() {
 
 #[test]
 fn primary_probes_are_published_as_marks_for_read_your_writes() {
-    let h = PrimaryHistory::default();
+    let mut h = PrimaryHistory::default();
+    let before = Instant::now();
+    let retain = Duration::from_millis(1);
     let mut f = initial_freshness(&nodes());
-    let before = std::time::Instant::now();
     for lsn in 0..(MAX_MARKS as u64 + 10) {
+        h.observe(&probe(Instant::now(), lsn), retain);
         f = assess(
             &f,
             &[primary(lsn), replica(0, 0)],
@@ -188,14 +209,19 @@ fn primary_probes_are_published_as_marks_for_read_your_writes() {
     // A write before every retained probe is bounded by the oldest one.
     assert_eq!(f.position_after(before), Some(10));
     // A write after the last probe has no bound yet.
-    assert_eq!(f.position_after(std::time::Instant::now()), None);
-    // A failed primary probe or a primary in recovery adds no mark.
-    let g = assess(
-        &f,
-        &[Err("down".into()), replica(0, 0)],
-        &h,
-        &settings(),
-        Instant::now(),
-    );
-    assert_eq!(g.primary_marks, f.primary_marks);
+    assert_eq!(f.position_after(Instant::now()), None);
+    // A probe of a node in recovery is not a primary position.
+    let marks = f.primary_marks.clone();
+    h.observe(&replica(1 << 40, 1 << 40).unwrap(), retain);
+    assert_eq!(h.recent(MAX_MARKS), marks);
+}
+
+#[test]
+fn a_primary_whose_position_goes_back_starts_the_history_over() {
+    let t0 = Instant::now();
+    let mut h = PrimaryHistory::default();
+    let retain = Duration::from_secs(10);
+    h.observe(&probe(t0, 1000), retain);
+    h.observe(&probe(t0 + Duration::from_secs(1), 10), retain);
+    assert_eq!(h.recent(10), vec![(t0 + Duration::from_secs(1), 10)]);
 }
