@@ -5,6 +5,7 @@
 //! connections, and lets two clients that both call their statement "P_0" coexist.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -43,8 +44,10 @@ impl PreparedStatement {
 
 #[derive(Default)]
 pub struct StatementRegistry {
-    /// A std Mutex: held for one hash lookup, never across .await.
+    /// A std Mutex: held for one hash lookup (or insert), never across .await and
+    /// never while a statement is parsed.
     inner: Mutex<Registry>,
+    hasher: std::hash::RandomState,
 }
 
 #[derive(Default)]
@@ -53,20 +56,21 @@ struct Registry {
     /// bytes instead of copying them; equal hashes are told apart by comparing.
     by_text: HashMap<u64, Vec<Arc<PreparedStatement>>>,
     count: usize,
-    hasher: std::hash::RandomState,
     next_id: u64,
 }
 
 impl StatementRegistry {
     pub fn register(&self, query: &str, param_types: &[u32]) -> Arc<PreparedStatement> {
-        use std::hash::BuildHasher;
-        let mut reg = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let hash = reg.hasher.hash_one((query, param_types));
-        if let Some(stmt) = reg.by_text.get(&hash).and_then(|same| {
-            same.iter()
-                .find(|s| s.query == query && s.param_types == param_types)
-        }) {
-            return stmt.clone();
+        let hash = self.hasher.hash_one((query, param_types));
+        if let Some(stmt) = self.lock().find(hash, query, param_types) {
+            return stmt;
+        }
+        // A new text: analyse it without holding the lock other sessions' Parses need.
+        let effects = session_sql::analyze(query);
+        let analyzed = Arc::new(analyze::analyze(query));
+        let mut reg = self.lock();
+        if let Some(stmt) = reg.find(hash, query, param_types) {
+            return stmt; // another session registered it meanwhile
         }
         if reg.count >= MAX_REGISTERED {
             reg.by_text.clear();
@@ -80,12 +84,26 @@ impl StatementRegistry {
             server_name: format!("sg_{id}"),
             query: query.to_owned(),
             param_types: param_types.to_vec(),
-            effects: session_sql::analyze(query),
-            analyzed: Arc::new(analyze::analyze(query)),
+            effects,
+            analyzed,
             validated: AtomicBool::new(false),
         });
         reg.by_text.entry(hash).or_default().push(stmt.clone());
         stmt
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Registry {
+    fn find(&self, hash: u64, query: &str, param_types: &[u32]) -> Option<Arc<PreparedStatement>> {
+        self.by_text
+            .get(&hash)?
+            .iter()
+            .find(|s| s.query == query && s.param_types == param_types)
+            .cloned()
     }
 }
 
