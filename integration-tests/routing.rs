@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::proxy::{start_proxy, ProxyOptions, TestProxy};
-use common::{own_cluster, shared_cluster, superuser_client, unique_name, TestCluster};
+use common::{own_cluster, shared_cluster, superuser_client, unique_name, wait_for, TestCluster};
 use shardgate::routing::route::RouteReason;
 use shardgate::topology::Exclusion;
 
@@ -32,16 +32,18 @@ fn replica_ports(c: &TestCluster) -> HashSet<u16> {
 /// Waits until the monitor has seen every replica fresh: reads then reach all of them.
 async fn wait_replicas_serving(proxy: &TestProxy, ports: &HashSet<u16>) {
     let client = proxy.client().await;
-    let mut seen = HashSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ports.iter().all(|p| seen.contains(p)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reads never reached every replica: saw {seen:?}"
-        );
-        seen.insert(port_of(&client, "SELECT inet_server_port()").await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let seen = std::sync::Mutex::new(HashSet::new());
+    wait_for(
+        "reads to reach every replica",
+        Duration::from_secs(30),
+        || async {
+            let port = port_of(&client, "SELECT inet_server_port()").await;
+            let mut seen = seen.lock().unwrap();
+            seen.insert(port);
+            ports.iter().all(|p| seen.contains(p))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,18 +264,12 @@ async fn a_paused_replica_gets_no_reads_until_it_catches_up_and_sessions_read_th
     }
     // Once the replicas have replayed past its writes, the writer reads from them
     // again: the guarantee costs primary reads only until replicas catch up.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let port = port_of(&writer, "SELECT inet_server_port()").await;
-        if replicas.contains(&port) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the writer never read from a replica again"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        "the writer to read from a replica again",
+        Duration::from_secs(30),
+        || async { replicas.contains(&port_of(&writer, "SELECT inet_server_port()").await) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,30 +304,25 @@ async fn reads_survive_a_replica_crash() {
     assert_eq!(errors, 0);
     assert!(!ports.contains(&cluster.replicas[0].1.to_string()));
     // The monitor notices on its own and excludes the dead replica from routing.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let fresh = proxy.handle.frontend.fresh.load();
-        if matches!(fresh.nodes[1].excluded, Some(Exclusion::Down(_))) && !fresh.nodes[1].healthy {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "monitor still sees {:?}",
-            fresh.nodes[1]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(fresh_replica_count(&proxy) == 1);
-}
-
-fn fresh_replica_count(proxy: &TestProxy) -> usize {
-    proxy
-        .handle
-        .frontend
-        .fresh
-        .load()
-        .eligible_replicas()
-        .count()
+    wait_for(
+        "the monitor to mark the dead replica down",
+        Duration::from_secs(10),
+        || async {
+            let fresh = proxy.handle.frontend.fresh.load();
+            matches!(fresh.nodes[1].excluded, Some(Exclusion::Down(_))) && !fresh.nodes[1].healthy
+        },
+    )
+    .await;
+    assert_eq!(
+        proxy
+            .handle
+            .frontend
+            .fresh
+            .load()
+            .eligible_replicas()
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
