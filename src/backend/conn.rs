@@ -57,6 +57,13 @@ pub struct ServerConn {
     /// Session state we do not track (temp tables, LISTEN, SQL-level PREPARE...) was
     /// created: the connection gets DISCARD ALL before anyone else uses it.
     pub tainted: bool,
+    /// An extended-protocol message went to the server after the last Sync (or simple
+    /// Query): the server may hold an implicit transaction, portals and locks that only
+    /// the client's coming Sync ends. Such a connection belongs to its client; it is
+    /// never pooled (its ReadyForQuery status is from before the batch).
+    pub unsynced: bool,
+    /// The connection saw an I/O or protocol error: it is closed, never pooled.
+    pub broken: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -92,6 +99,8 @@ impl ServerConn {
             applied: SessionParams::default(),
             txn_status: b'I',
             tainted: false,
+            unsynced: false,
+            broken: false,
             created: now,
             last_used: now,
         };
@@ -235,15 +244,43 @@ impl ServerConn {
     /// Runs SQL through the simple protocol and discards its results: used for the
     /// proxy's own housekeeping (settings, ROLLBACK, DISCARD ALL), never for clients.
     pub async fn run_internal(&mut self, sql: &str) -> Result<(), BackendError> {
-        let mut out = BytesMut::new();
-        messages::query(&mut out, sql);
-        self.wr.write_all(&out).await?;
-        self.read_until_ready(false).await
+        let result = async {
+            let mut out = BytesMut::new();
+            messages::query(&mut out, sql);
+            self.wr.write_all(&out).await?;
+            self.read_until_ready(false).await
+        }
+        .await;
+        self.note_failure(result)
+    }
+
+    /// Marks the connection broken when `result` is a connection failure (anything but
+    /// an error the server reported and recovered from with ReadyForQuery).
+    pub fn note_failure<T>(&mut self, result: Result<T, BackendError>) -> Result<T, BackendError> {
+        if let Err(error) = &result {
+            if error.is_connection_failure() {
+                self.broken = true;
+            }
+        }
+        result
+    }
+
+    /// Whether the connection still looks usable while idle: the server has neither
+    /// closed it nor sent anything (a terminated backend sends FATAL, then closes).
+    /// Costs a system call only when the socket was last seen readable.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.rd.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Runs a one-row, one-column query for the proxy's own use (e.g. the WAL position
     /// after a write) and returns the value as text.
     pub async fn query_scalar(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+        let result = self.query_scalar_inner(sql).await;
+        self.note_failure(result)
+    }
+
+    async fn query_scalar_inner(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
         let mut out = BytesMut::new();
         messages::query(&mut out, sql);
         self.wr.write_all(&out).await?;
@@ -266,6 +303,16 @@ impl ServerConn {
     /// Whether `reset` has anything to do (an open transaction or untracked state).
     pub fn needs_reset(&self) -> bool {
         self.txn_status != b'I' || self.tainted
+    }
+
+    /// Whether the pool may take this connection back as it is: idle, clean, between
+    /// messages, in sync and unbroken.
+    pub fn is_poolable(&self) -> bool {
+        self.txn_status == b'I'
+            && !self.tainted
+            && !self.unsynced
+            && !self.broken
+            && self.rbuf.is_empty()
     }
 
     /// Resets everything a client may have left behind, so the connection can serve

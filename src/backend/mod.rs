@@ -44,4 +44,16 @@ impl BackendError {
             _ => "08006",
         }
     }
+
+    /// The connection itself failed (I/O, protocol, closed), as opposed to an error the
+    /// server reported and recovered from, or a pool that had no connection to give.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Io(_)
+                | BackendError::Closed
+                | BackendError::Protocol(_)
+                | BackendError::Unexpected(..)
+        )
+    }
 }

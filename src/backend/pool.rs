@@ -89,6 +89,12 @@ impl Pool {
     fn pop_idle(&self) -> Option<ServerConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(conn) = idle.pop() {
+            if !conn.looks_alive() {
+                // Closed by the server while idle (restart, pg_terminate_backend,
+                // idle_session_timeout): drop it quietly and try the next one.
+                tracing::debug!(server = %self.target.addr(), "idle server connection was closed by the server; discarded");
+                continue;
+            }
             if !self.expired(&conn, Instant::now()) {
                 return Some(conn);
             }
@@ -154,8 +160,11 @@ impl PooledConn {
     /// Returns the connection to the pool if it is idle and clean; closes it otherwise.
     pub fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
-            if conn.txn_status == b'I' && !conn.tainted && conn.rbuf.is_empty() {
+            if conn.is_poolable() {
                 conn.last_used = Instant::now();
+                // The unnamed statement is the last client's: the next borrower that
+                // binds it without its own Parse gets it re-created (and verified).
+                conn.unnamed = None;
                 let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 idle.push(conn);
             } else {

@@ -89,6 +89,12 @@ where
     }
 
     fn push(&mut self, op: Op) {
+        if let (Op::Forward(expect) | Op::Hidden(expect), Some(conn)) = (&op, self.server.as_mut())
+        {
+            // Sync, a simple Query and FunctionCall end an extended-protocol batch;
+            // anything else opens one that only the client's Sync may close.
+            conn.unsynced = !matches!(expect, Expect::Sync | Expect::Query | Expect::FunctionCall);
+        }
         self.ops.push_back(op);
     }
 

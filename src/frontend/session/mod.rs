@@ -40,6 +40,10 @@ const UNANALYZED: Analyzed = Analyzed {
     parsed: true,
 };
 
+/// How many borrowed connections may fail before first use (dead sockets the pool's
+/// liveness check could not see yet) before the client gets the error.
+const CHECKOUT_RETRIES: usize = 3;
+
 /// Bytes buffered towards one peer before we stop reading from the other.
 const OUT_LIMIT: usize = 256 * 1024;
 
@@ -194,6 +198,11 @@ where
                 SessionError::ClientIo(_) => {}
                 SessionError::Protocol(e) => self.fatal("08P01", &e.to_string()),
                 SessionError::Backend(e) => {
+                    if e.is_connection_failure() {
+                        if let Some(conn) = self.server.as_mut() {
+                            conn.broken = true;
+                        }
+                    }
                     tracing::warn!(%error, "server connection failed");
                     self.fatal(e.sqlstate(), &e.to_string())
                 }
@@ -302,31 +311,41 @@ where
     }
 
     /// Borrows a server connection for this client if it has none, and brings the
-    /// connection's session settings in line with the client's.
+    /// connection's session settings in line with the client's. A borrowed connection
+    /// that fails before any of the client's bytes went to it is replaced, so a server
+    /// restart or a terminated backend costs the client nothing.
     async fn ensure_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
-        if self.server.is_none() {
-            let (node, conn) = self.acquire_routed(analyzed).await?;
-            self.cancel.set(Some(CancelTarget {
-                host: conn.host.clone(),
-                port: conn.port,
-                key: conn.backend_key,
-            }));
-            self.server = Some(conn);
-            self.server_node = node;
-            self.hold_wrote = false;
-            self.replay = (node != PRIMARY).then(Vec::new);
-        }
-        let Some(conn) = self.server.as_mut() else {
+        if let Some(conn) = self.server.as_mut() {
+            if self.ops.is_empty()
+                && self.sout.is_empty()
+                && !conn.unsynced
+                && conn.applied.fingerprint() != self.params.fingerprint()
+            {
+                align_settings(conn, &self.params).await?;
+            }
             return Ok(());
-        };
-        if self.ops.is_empty()
-            && self.sout.is_empty()
-            && conn.applied.fingerprint() != self.params.fingerprint()
-        {
-            let sql = self.params.diff_sql(&conn.applied);
-            conn.run_internal(&sql).await?;
-            conn.applied = self.params.clone();
         }
+        let mut attempt = 0;
+        let (node, conn) = loop {
+            let (node, mut conn) = self.acquire_routed(analyzed).await?;
+            match align_settings(&mut conn, &self.params).await {
+                Ok(()) => break (node, conn),
+                Err(error) if error.is_connection_failure() && attempt < CHECKOUT_RETRIES => {
+                    attempt += 1;
+                    tracing::warn!(%error, node, attempt, "server connection failed before use; trying another");
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
+        self.cancel.set(Some(CancelTarget {
+            host: conn.host.clone(),
+            port: conn.port,
+            key: conn.backend_key,
+        }));
+        self.server = Some(conn);
+        self.server_node = node;
+        self.hold_wrote = false;
+        self.replay = (node != PRIMARY).then(Vec::new);
         Ok(())
     }
 
@@ -405,6 +424,7 @@ where
                     && !self.skipping
                     && self.sout.is_empty()
                     && conn.rbuf.is_empty()
+                    && !conn.unsynced
                     && conn.txn_status == b'I'
             }
             None => false,
@@ -430,6 +450,16 @@ where
             self.route.wrote_at = Some(std::time::Instant::now());
         }
         self.hold_wrote = false;
+        if conn.unsynced || conn.broken {
+            // The client left in the middle of a batch, or the connection failed:
+            // closing it is what a direct connection would do (the server rolls back).
+            tracing::debug!(
+                unsynced = conn.unsynced,
+                broken = conn.broken,
+                "server connection closed instead of pooled"
+            );
+            return;
+        }
         if !conn.needs_reset() {
             // The common case: idle and clean, no round trip and no timer.
             conn.release();
@@ -448,7 +478,10 @@ where
     async fn finish(&mut self) {
         let between = self.ops.is_empty()
             && self.sout.is_empty()
-            && self.server.as_ref().is_some_and(|c| c.rbuf.is_empty());
+            && self
+                .server
+                .as_ref()
+                .is_some_and(|c| c.rbuf.is_empty() && !c.unsynced && !c.broken);
         if between {
             self.release_server().await;
         } else if let Some(conn) = self.server.take() {
@@ -474,6 +507,16 @@ where
         .await;
         self.cout.clear();
     }
+}
+
+/// Brings a server connection's session settings in line with the client's.
+async fn align_settings(conn: &mut PooledConn, params: &SessionParams) -> Result<(), BackendError> {
+    if conn.applied.fingerprint() != params.fingerprint() {
+        let sql = params.diff_sql(&conn.applied);
+        conn.run_internal(&sql).await?;
+        conn.applied = params.clone();
+    }
+    Ok(())
 }
 
 async fn read_server(
