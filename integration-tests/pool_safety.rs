@@ -218,16 +218,6 @@ async fn flush_then_sync_commits_on_the_clients_own_connection() {
         .await
         .unwrap();
     assert_eq!(count_rows(&table).await, 2);
-    let su = superuser_client(cluster, cluster.primary.1, "postgres").await;
-    let open: i64 = su
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_xid IS NOT NULL",
-            &[&cluster.app_user],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(open, 0, "no app connection may hold a transaction now");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +310,11 @@ async fn a_client_leaving_mid_batch_rolls_back_and_pools_nothing_dirty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_idle_connections_are_never_handed_out() {
-    let cluster = shared_cluster();
+    // Terminates backends: a cluster of its own, so no other test's connection dies.
+    let own = tokio::task::spawn_blocking(|| common::own_cluster(0))
+        .await
+        .unwrap();
+    let cluster = &own;
     let proxy = start_proxy(
         cluster,
         ProxyOptions {
@@ -391,5 +385,186 @@ async fn terminated_idle_connections_are_never_handed_out() {
             .await
             .unwrap_or_else(|e| panic!("client {i} after the server closed idle connections: {e}"));
     }
-    assert_eq!(count_rows(&table).await, 8);
+    let db = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    let n: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 8);
+}
+
+/// Column names of the RowDescription among `msgs`.
+fn columns(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    let Some((_, body)) = msgs.iter().find(|(t, _)| *t == b'T') else {
+        return Vec::new();
+    };
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    (0..n)
+        .map(|_| {
+            let end = at + body[at..].iter().position(|&b| b == 0).unwrap();
+            let name = String::from_utf8_lossy(&body[at..end]).into_owned();
+            at = end + 1 + 18;
+            name
+        })
+        .collect()
+}
+
+impl Raw {
+    /// A session whose statements all go to the primary (no replica pools involved).
+    async fn on_primary(proxy: &TestProxy) -> Raw {
+        let mut raw = Raw::connect(proxy).await;
+        raw.query("SET shardgate.target = primary").send().await;
+        raw.read_until(b'Z').await;
+        raw
+    }
+
+    /// Parse + Describe S + Sync: the statement's column names.
+    async fn prepare(&mut self, name: &str, sql: &str) -> Vec<String> {
+        self.parse(name, sql)
+            .describe(b'S', name)
+            .sync()
+            .send()
+            .await;
+        let got = self.read_until(b'Z').await;
+        assert_eq!(error_code(&got), None, "prepare {sql}: {got:?}");
+        columns(&got)
+    }
+
+    /// Bind + Execute + Sync of a prepared statement: its rows, or the error code.
+    async fn run(&mut self, name: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        self.bind("", name).execute("", 0).sync().send().await;
+        let got = self.read_until(b'Z').await;
+        match error_code(&got) {
+            Some(code) => Err(code),
+            None => Ok(rows(&got)),
+        }
+    }
+}
+
+async fn primary_client(proxy: &TestProxy) -> tokio_postgres::Client {
+    let c = proxy.client().await;
+    c.batch_execute("SET shardgate.target = primary")
+        .await
+        .unwrap();
+    c
+}
+
+fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(str::to_owned)).collect()
+}
+
+/// `(a, b)` becomes `(b, a)`: the shape of `SELECT *` changes, its types do not.
+async fn swap_columns(ddl: &tokio_postgres::Client, table: &str) {
+    ddl.batch_execute(&format!(
+        "ALTER TABLE {table} DROP COLUMN a; ALTER TABLE {table} ADD COLUMN a int; UPDATE {table} SET a = 1"
+    ))
+    .await
+    .unwrap();
+}
+
+async fn table_ab(proxy: &TestProxy, prefix: &str) -> String {
+    let table = unique_name(prefix);
+    primary_client(proxy)
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (a int, b int); INSERT INTO {table} VALUES (1, 2)"
+        ))
+        .await
+        .unwrap();
+    table
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_shape_changed_fails_like_postgres_and_reprepares() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, one_connection()).await;
+    let table = table_ab(&proxy, "stale_same").await;
+    let mut x = Raw::on_primary(&proxy).await;
+    let sql = format!("SELECT * FROM {table}");
+    assert_eq!(x.prepare("s1", &sql).await, ["a", "b"]);
+    assert_eq!(x.run("s1").await, Ok(vec![row(&[Some("1"), Some("2")])]));
+    // DDL on a direct connection: the proxy does not see it.
+    let su = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    swap_columns(&su, &table).await;
+    // The connection holds the statement: PostgreSQL itself refuses it.
+    assert_eq!(x.run("s1").await, Err("0A000".into()));
+    // As on a direct connection, Close + Parse of the same text re-prepares it.
+    x.close(b'S', "s1").sync().send().await;
+    x.read_until(b'Z').await;
+    assert_eq!(x.prepare("s1", &sql).await, ["b", "a"]);
+    assert_eq!(x.run("s1").await, Ok(vec![row(&[Some("2"), Some("1")])]));
+    // A new client preparing the text now gets the new statement, with no error.
+    let mut w = Raw::on_primary(&proxy).await;
+    assert_eq!(w.prepare("w1", &sql).await, ["b", "a"]);
+    assert_eq!(w.run("w1").await, Ok(vec![row(&[Some("2"), Some("1")])]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_recreated_on_another_connection_never_returns_a_new_shape() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 2,
+            acquire_timeout: "20s",
+            ..Default::default()
+        },
+    )
+    .await;
+    let table = table_ab(&proxy, "stale_other").await;
+    let sql = format!("SELECT * FROM {table}");
+    // Y holds one connection while X prepares on the other; Y lets go last, so the
+    // pool hands out Y's connection (without X's statement) next.
+    let y = primary_client(&proxy).await;
+    y.batch_execute("BEGIN").await.unwrap();
+    y.batch_execute("SELECT 1").await.unwrap();
+    let mut x = Raw::on_primary(&proxy).await;
+    assert_eq!(x.prepare("s1", &sql).await, ["a", "b"]);
+    y.batch_execute("COMMIT").await.unwrap();
+    // The DDL goes through the proxy on Y's connection, which becomes idle again.
+    swap_columns(&y, &table).await;
+    // X binds its statement on a connection that must re-create it: the rows would
+    // come as (b, a) under X's (a, b) description. PostgreSQL says 0A000; so do we.
+    assert_eq!(x.run("s1").await, Err("0A000".into()));
+    assert_eq!(x.run("s1").await, Err("0A000".into()), "still stale");
+    // Re-prepared, it works on whichever connection it lands.
+    x.close(b'S', "s1").sync().send().await;
+    x.read_until(b'Z').await;
+    assert_eq!(x.prepare("s1", &sql).await, ["b", "a"]);
+    for _ in 0..3 {
+        assert_eq!(x.run("s1").await, Ok(vec![row(&[Some("2"), Some("1")])]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_statement_fails_the_transaction_on_the_server_too() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, one_connection()).await;
+    let table = table_ab(&proxy, "stale_txn").await;
+    let mut x = Raw::on_primary(&proxy).await;
+    let sql = format!("SELECT * FROM {table}");
+    x.prepare("s1", &sql).await;
+    let su = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    swap_columns(&su, &table).await;
+    x.run("s1").await.unwrap_err(); // learns it is stale (server's 0A000)
+                                    // In one batch: an insert, then the stale statement. As directly, the batch's
+                                    // implicit transaction fails and the insert is not committed.
+    x.parse("", &format!("INSERT INTO {table} (b) VALUES (99)"))
+        .bind("", "")
+        .execute("", 0)
+        .bind("", "s1")
+        .execute("", 0)
+        .sync()
+        .send()
+        .await;
+    let got = x.read_until(b'Z').await;
+    assert_eq!(error_code(&got), Some("0A000".into()));
+    let su_rows: i64 = su
+        .query_one(&format!("SELECT count(*) FROM {table} WHERE b = 99"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(su_rows, 0);
 }

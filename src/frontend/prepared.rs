@@ -3,11 +3,20 @@
 //! lacks that statement is sent a `Parse` for it on demand. This is what lets a client
 //! prepare once and bind many times while its transactions land on different server
 //! connections, and lets two clients that both call their statement "P_0" coexist.
+//!
+//! A statement's result shape is fixed when it is prepared, as in PostgreSQL: the
+//! registry records it (a hash of the RowDescription) the first time a server describes
+//! the statement, and a server connection that re-creates the statement later must
+//! describe the same shape, or the statement is stale. A stale statement is retired:
+//! clients that hold it get `0A000 cached plan must not change result type` (as from
+//! PostgreSQL itself), and a new Parse of the same text gets a new statement. DDL that
+//! can change shapes (ALTER, DROP, CREATE OR REPLACE) starts a new epoch, so statements
+//! prepared after it never reuse one registered before it.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::session_sql::{self, SessionEffects};
 use crate::routing::analyze::{self, Analyzed};
@@ -30,9 +39,28 @@ pub struct PreparedStatement {
     /// proxy without borrowing a server connection (the statement is created on a
     /// connection when a Bind or Describe needs it).
     validated: AtomicBool,
+    /// The result shape (see `shape_of`) the first server that described it returned.
+    shape: OnceLock<u64>,
+    /// The shape changed under it (DDL): never bound again; see the module comment.
+    stale: AtomicBool,
+    /// The registry epoch it was registered in.
+    epoch: u64,
 }
 
 impl PreparedStatement {
+    pub fn shape(&self) -> Option<u64> {
+        self.shape.get().copied()
+    }
+
+    /// Records `shape` if none is known; returns whether it agrees with the record.
+    pub fn check_shape(&self, shape: u64) -> bool {
+        *self.shape.get_or_init(|| shape) == shape
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
     pub fn is_validated(&self) -> bool {
         self.validated.load(Ordering::Relaxed)
     }
@@ -48,6 +76,8 @@ pub struct StatementRegistry {
     /// never while a statement is parsed.
     inner: Mutex<Registry>,
     hasher: std::hash::RandomState,
+    /// Bumped by DDL that may change result shapes; see the module comment.
+    epoch: AtomicU64,
 }
 
 #[derive(Default)]
@@ -62,14 +92,15 @@ struct Registry {
 impl StatementRegistry {
     pub fn register(&self, query: &str, param_types: &[u32]) -> Arc<PreparedStatement> {
         let hash = self.hasher.hash_one((query, param_types));
-        if let Some(stmt) = self.lock().find(hash, query, param_types) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some(stmt) = self.lock().find(hash, query, param_types, epoch) {
             return stmt;
         }
         // A new text: analyse it without holding the lock other sessions' Parses need.
         let effects = session_sql::analyze(query);
         let analyzed = Arc::new(analyze::analyze(query));
         let mut reg = self.lock();
-        if let Some(stmt) = reg.find(hash, query, param_types) {
+        if let Some(stmt) = reg.find(hash, query, param_types, epoch) {
             return stmt; // another session registered it meanwhile
         }
         if reg.count >= MAX_REGISTERED {
@@ -87,9 +118,34 @@ impl StatementRegistry {
             effects,
             analyzed,
             validated: AtomicBool::new(false),
+            shape: OnceLock::new(),
+            stale: AtomicBool::new(false),
+            epoch,
         });
         reg.by_text.entry(hash).or_default().push(stmt.clone());
         stmt
+    }
+
+    /// The statement's shape changed: nobody gets it from the registry again, and
+    /// sessions that hold it answer its Binds with 0A000.
+    pub fn retire(&self, stmt: &PreparedStatement) {
+        stmt.stale.store(true, Ordering::Relaxed);
+        let hash = self
+            .hasher
+            .hash_one((stmt.query.as_str(), stmt.param_types.as_slice()));
+        let mut reg = self.lock();
+        if let Some(list) = reg.by_text.get_mut(&hash) {
+            let before = list.len();
+            list.retain(|s| s.id != stmt.id);
+            let removed = before - list.len();
+            reg.count -= removed;
+        }
+    }
+
+    /// DDL that may change result shapes ran: statements registered from now on are
+    /// new ones, re-prepared (and re-described) on every server connection.
+    pub fn new_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -98,13 +154,51 @@ impl StatementRegistry {
 }
 
 impl Registry {
-    fn find(&self, hash: u64, query: &str, param_types: &[u32]) -> Option<Arc<PreparedStatement>> {
-        self.by_text
-            .get(&hash)?
+    /// A current statement for the text; entries from older epochs are dropped on the way.
+    fn find(
+        &mut self,
+        hash: u64,
+        query: &str,
+        param_types: &[u32],
+        epoch: u64,
+    ) -> Option<Arc<PreparedStatement>> {
+        let list = self.by_text.get_mut(&hash)?;
+        let before = list.len();
+        list.retain(|s| s.epoch == epoch && !s.is_stale());
+        let found = list
             .iter()
             .find(|s| s.query == query && s.param_types == param_types)
-            .cloned()
+            .cloned();
+        self.count -= before - list.len();
+        found
     }
+}
+
+/// A result shape: a hash of a RowDescription (or NoData) with the per-column format
+/// codes left out, so a statement's description (formats unknown, all zero) and a
+/// portal's (the client's chosen formats) compare equal when the columns are the same.
+pub fn shape_of(message: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let Some((&tag, rest)) = message.split_first() else {
+        return 0;
+    };
+    h.write_u8(tag);
+    // RowDescription: count, then per column name\0, table oid (4), attnum (2), type
+    // oid (4), type size (2), typmod (4), format (2).
+    let body = rest.get(4..).unwrap_or_default();
+    let mut at = 2.min(body.len());
+    h.write(&body[..at]);
+    while at < body.len() {
+        let name_end = body[at..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(body.len(), |p| at + p + 1);
+        let fixed_end = (name_end + 16).min(body.len());
+        h.write(&body[at..fixed_end]);
+        at = (fixed_end + 2).min(body.len());
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -120,5 +214,70 @@ mod tests {
         assert_eq!(a.server_name, b.server_name);
         assert_ne!(a.server_name, c.server_name);
         assert!(reg.register("SET x = 1", &[]).effects.effects.len() == 1);
+    }
+
+    #[test]
+    fn retired_and_old_epoch_statements_are_not_handed_out_again() {
+        let reg = StatementRegistry::default();
+        let a = reg.register("select * from t", &[]);
+        reg.retire(&a);
+        assert!(a.is_stale());
+        let b = reg.register("select * from t", &[]);
+        assert_ne!(a.id, b.id);
+        assert_eq!(reg.register("select * from t", &[]).id, b.id);
+        reg.new_epoch();
+        let c = reg.register("select * from t", &[]);
+        assert_ne!(b.id, c.id);
+        assert!(
+            !b.is_stale(),
+            "an old epoch's statement stays usable by its holders"
+        );
+        assert_eq!(reg.lock().count, 1);
+    }
+
+    fn row_description(columns: &[(&str, u32, i16)]) -> Vec<u8> {
+        let mut body = (columns.len() as i16).to_be_bytes().to_vec();
+        for (name, type_oid, format) in columns {
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(&[0, 0, 0, 1, 0, 1]);
+            body.extend_from_slice(&type_oid.to_be_bytes());
+            body.extend_from_slice(&[0, 4, 255, 255, 255, 255]);
+            body.extend_from_slice(&format.to_be_bytes());
+        }
+        let mut msg = vec![b'T'];
+        msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    #[test]
+    fn shapes_ignore_formats_and_see_order_names_and_types() {
+        let ab = shape_of(&row_description(&[("a", 23, 0), ("b", 23, 0)]));
+        assert_eq!(
+            ab,
+            shape_of(&row_description(&[("a", 23, 1), ("b", 23, 1)]))
+        );
+        assert_ne!(
+            ab,
+            shape_of(&row_description(&[("b", 23, 0), ("a", 23, 0)]))
+        );
+        assert_ne!(
+            ab,
+            shape_of(&row_description(&[("a", 23, 0), ("b", 25, 0)]))
+        );
+        assert_ne!(ab, shape_of(&row_description(&[("a", 23, 0)])));
+        assert_ne!(ab, shape_of(&[b'n', 0, 0, 0, 4]));
+    }
+
+    #[test]
+    fn the_first_shape_recorded_is_the_statements() {
+        let reg = StatementRegistry::default();
+        let s = reg.register("select 1", &[]);
+        assert_eq!(s.shape(), None);
+        assert!(s.check_shape(7));
+        assert!(s.check_shape(7));
+        assert!(!s.check_shape(8));
+        assert_eq!(s.shape(), Some(7));
     }
 }

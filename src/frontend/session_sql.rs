@@ -20,6 +20,9 @@ pub enum SessionEffect {
 pub struct SessionEffects {
     pub effects: Vec<SessionEffect>,
     pub taints: bool,
+    /// DDL that may change what existing prepared statements return (ALTER, DROP,
+    /// CREATE OR REPLACE): see frontend/prepared.rs.
+    pub changes_shapes: bool,
 }
 
 impl SessionEffects {
@@ -46,6 +49,12 @@ fn analyze_one(stmt: &str, out: &mut SessionEffects) {
         out.taints = true;
     }
     let words: Vec<&str> = lower.split_whitespace().take(4).collect();
+    if matches!(
+        words.as_slice(),
+        ["alter", ..] | ["drop", ..] | ["create", "or", "replace", ..]
+    ) {
+        out.changes_shapes = true;
+    }
     match words.as_slice() {
         ["set", ..] => set_effect(stmt.trim_start(), out),
         ["reset", "all", ..] | ["reset", "all;", ..] => out.effects.push(SessionEffect::ResetAll),

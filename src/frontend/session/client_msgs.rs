@@ -21,16 +21,24 @@ const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
 const NO_DATA: &[u8] = &[btag::NO_DATA, 0, 0, 0, 4];
 const NO_PARAMETERS: &[u8] = &[btag::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0];
 
+/// Makes the server fail with the SQLSTATE of a stale prepared statement, so the
+/// transaction fails on the server exactly as it would on a direct connection.
+const RAISE_STALE: &str = "DO $shardgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+    MESSAGE = 'cached plan must not change result type'; END $shardgate$";
+
 impl<R, W> Session<R, W>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     pub(super) async fn process_client_frames(&mut self) -> Result<Flow, SessionError> {
-        while self.sout.len() < super::OUT_LIMIT {
-            let Some(frame) = decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)?
-            else {
-                break;
+        while self.sout.len() < super::OUT_LIMIT && self.gate.is_none() {
+            let frame = match self.held.take() {
+                Some(frame) => frame,
+                None => match decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)? {
+                    Some(frame) => frame,
+                    None => break,
+                },
             };
             if self.skipping && frame.tag != tag::SYNC {
                 // The server discards everything up to Sync after an error: forward
@@ -38,7 +46,11 @@ where
                 self.sout.extend_from_slice(&frame.raw);
                 continue;
             }
-            self.on_client_frame(&frame).await?;
+            if !self.on_client_frame(&frame).await? {
+                // Waits for a shape check; processed again when it is done.
+                self.held = Some(frame);
+                break;
+            }
             if frame.tag == tag::TERMINATE {
                 return Ok(Flow::Stop);
             }
@@ -49,13 +61,14 @@ where
         Ok(Flow::Continue)
     }
 
-    async fn on_client_frame(&mut self, frame: &Frame) -> Result<(), SessionError> {
+    /// Handles one client frame; `false` means it must wait for a shape check.
+    async fn on_client_frame(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         {
             match frame.tag {
                 tag::QUERY => self.on_query(frame).await?,
                 tag::PARSE => self.on_parse(frame).await?,
-                tag::BIND => self.on_bind(frame).await?,
-                tag::DESCRIBE => self.on_describe(frame).await?,
+                tag::BIND => return self.on_bind(frame).await,
+                tag::DESCRIBE => return self.on_describe(frame).await,
                 tag::CLOSE => self.on_close(frame).await?,
                 tag::SYNC if self.copy_in => self.sout.extend_from_slice(&frame.raw),
                 tag::SYNC => self.on_sync(frame),
@@ -85,7 +98,7 @@ where
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn push(&mut self, op: Op) {
@@ -146,6 +159,7 @@ where
         };
         self.ensure_server(Some(&analyzed)).await?;
         self.note_statement(&analyzed);
+        self.note_shape_changes(effects.changes_shapes);
         if let Some(conn) = self.server.as_mut() {
             conn.tainted |= effects.taints;
         }
@@ -224,6 +238,7 @@ where
                     named: Some(stmt.id),
                     unnamed: None,
                 }));
+                self.describe_for_shape(&stmt, &stmt.server_name, Some(parse.name.to_owned()));
             }
         }
         Ok(())
@@ -239,45 +254,104 @@ where
     }
 
     /// Makes sure the held server connection has `stmt`, injecting a Parse if not.
-    fn prepare_on_server(&mut self, stmt: &PreparedStatement, unnamed: bool) {
+    /// Returns false when the client's frame must wait for the statement's shape check.
+    fn prepare_on_server(&mut self, stmt: &Arc<PreparedStatement>, unnamed: bool) -> bool {
         let Some(conn) = self.server.as_mut() else {
-            return;
+            return true;
         };
-        let (missing, name, expect) = if unnamed {
-            let missing = conn.unnamed != Some(stmt.id);
-            conn.unnamed = Some(stmt.id);
-            (
-                missing,
-                "",
-                Expect::Parse {
-                    named: None,
-                    unnamed: Some(stmt.id),
-                },
-            )
+        let missing = if unnamed {
+            conn.unnamed != Some(stmt.id)
         } else {
-            let missing = conn.prepared.insert(stmt.id);
-            (
-                missing,
-                stmt.server_name.as_str(),
-                Expect::Parse {
-                    named: Some(stmt.id),
-                    unnamed: None,
-                },
-            )
+            !conn.prepared.contains(&stmt.id)
         };
-        if missing {
-            messages::parse(&mut self.sout, name, &stmt.query, &stmt.param_types);
-            self.push(Op::Hidden(expect));
+        if !missing {
+            return true;
+        }
+        let expect = if unnamed {
+            conn.unnamed = Some(stmt.id);
+            Expect::Parse {
+                named: None,
+                unnamed: Some(stmt.id),
+            }
+        } else {
+            conn.prepared.insert(stmt.id);
+            Expect::Parse {
+                named: Some(stmt.id),
+                unnamed: None,
+            }
+        };
+        let name = if unnamed {
+            ""
+        } else {
+            stmt.server_name.as_str()
+        };
+        messages::parse(&mut self.sout, name, &stmt.query, &stmt.param_types);
+        self.push(Op::Hidden(expect));
+        self.describe_for_shape(stmt, name, None)
+    }
+
+    /// Right after a Parse of `stmt` went to the server: describe it, to record its
+    /// result shape (first time) or to check it against the recorded one. A check
+    /// holds the client's next frames until the answer is in (one round trip, once per
+    /// statement and server connection), so no row of a changed shape can reach a
+    /// client that was given the old RowDescription. Returns false when gated.
+    fn describe_for_shape(
+        &mut self,
+        stmt: &Arc<PreparedStatement>,
+        server_name: &str,
+        client_name: Option<String>,
+    ) -> bool {
+        messages::target_renamed(&mut self.sout, tag::DESCRIBE, b'S', server_name);
+        let gate = stmt.shape().is_some();
+        self.push(Op::Hidden(Expect::Shape { id: stmt.id, gate }));
+        if gate {
+            messages::empty_msg(&mut self.sout, tag::FLUSH);
+            self.gate = Some(super::Gate {
+                stmt: stmt.clone(),
+                client_name,
+            });
+        }
+        !gate
+    }
+
+    /// A DDL statement that may change result shapes is about to run.
+    fn note_shape_changes(&mut self, changes_shapes: bool) {
+        if changes_shapes {
+            self.fe.statements.new_epoch();
+            self.ddl_pending = true;
         }
     }
 
-    async fn on_bind(&mut self, frame: &Frame) -> Result<(), SessionError> {
+    /// The client binds (or describes) a statement whose shape changed: make the
+    /// server fail the current transaction as PostgreSQL fails a stale prepared
+    /// statement; the error the client sees is PostgreSQL's own (server_msgs.rs).
+    fn raise_stale(&mut self) {
+        let Some(conn) = self.server.as_mut() else {
+            return;
+        };
+        conn.unnamed = None;
+        messages::parse(&mut self.sout, "", RAISE_STALE, &[]);
+        self.push(Op::Hidden(Expect::Parse {
+            named: None,
+            unnamed: None,
+        }));
+        messages::put_msg(&mut self.sout, tag::BIND, |b| {
+            b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // portal "", statement "", no formats/values
+        });
+        self.push(Op::Hidden(Expect::Bind { stmt: None }));
+        messages::put_msg(&mut self.sout, tag::EXECUTE, |b| {
+            b.extend_from_slice(&[0, 0, 0, 0, 0]); // portal "", no row limit
+        });
+        self.push(Op::Hidden(Expect::Raise));
+    }
+
+    async fn on_bind(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         let bind = messages::decode_bind(frame)?;
         let stmt = self.client_statement(bind.statement);
         if let Some(mode) = stmt.as_ref().and_then(|s| s.analyzed.set_target) {
             self.target_portal = Some((bind.portal.to_owned(), mode));
             self.push_synthetic(BIND_COMPLETE);
-            return Ok(());
+            return Ok(true);
         }
         if self
             .target_portal
@@ -289,31 +363,38 @@ where
         }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;
-        if let Some(stmt) = &stmt {
-            self.note_statement(&stmt.analyzed);
-        }
-        match stmt {
+        let Some(stmt) = stmt else {
             // Unknown to us: let the server report "does not exist".
-            None => self.sout.extend_from_slice(&frame.raw),
-            Some(stmt) => {
-                let unnamed = bind.statement.is_empty();
-                self.prepare_on_server(&stmt, unnamed);
-                if unnamed {
-                    self.sout.extend_from_slice(&frame.raw);
-                } else {
-                    messages::bind_renamed(&mut self.sout, &bind, &stmt.server_name);
-                }
-                if let Some(conn) = self.server.as_mut() {
-                    conn.tainted |= stmt.effects.taints;
-                }
-                self.pending.extend(stmt.effects.effects.iter().cloned());
-            }
+            self.sout.extend_from_slice(&frame.raw);
+            self.push(Op::Forward(Expect::Bind { stmt: None }));
+            return Ok(true);
+        };
+        if stmt.is_stale() {
+            self.raise_stale();
+            return Ok(true);
         }
-        self.push(Op::Forward(Expect::Bind));
-        Ok(())
+        let unnamed = bind.statement.is_empty();
+        if !self.prepare_on_server(&stmt, unnamed) {
+            return Ok(false);
+        }
+        self.note_statement(&stmt.analyzed);
+        self.note_shape_changes(stmt.effects.changes_shapes);
+        if unnamed {
+            self.sout.extend_from_slice(&frame.raw);
+        } else {
+            messages::bind_renamed(&mut self.sout, &bind, &stmt.server_name);
+        }
+        if let Some(conn) = self.server.as_mut() {
+            conn.tainted |= stmt.effects.taints;
+        }
+        self.pending.extend(stmt.effects.effects.iter().cloned());
+        self.push(Op::Forward(Expect::Bind {
+            stmt: Some(stmt.id),
+        }));
+        Ok(true)
     }
 
-    async fn on_describe(&mut self, frame: &Frame) -> Result<(), SessionError> {
+    async fn on_describe(&mut self, frame: &Frame) -> Result<bool, SessionError> {
         let (kind, name) = messages::decode_target(frame)?;
         let stmt = if kind == b'S' {
             self.client_statement(name)
@@ -330,23 +411,31 @@ where
                 self.push_synthetic(NO_PARAMETERS);
             }
             self.push_synthetic(NO_DATA);
-            return Ok(());
+            return Ok(true);
         }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;
-        match (kind, stmt) {
-            (b'S', Some(stmt)) if !name.is_empty() => {
-                self.prepare_on_server(&stmt, false);
-                messages::target_renamed(&mut self.sout, tag::DESCRIBE, b'S', &stmt.server_name);
-            }
-            (b'S', Some(stmt)) => {
-                self.prepare_on_server(&stmt, true);
-                self.sout.extend_from_slice(&frame.raw);
-            }
-            _ => self.sout.extend_from_slice(&frame.raw),
+        let Some(stmt) = stmt else {
+            self.sout.extend_from_slice(&frame.raw);
+            self.push(Op::Forward(Expect::Describe { stmt: None }));
+            return Ok(true);
+        };
+        if stmt.is_stale() {
+            self.raise_stale();
+            return Ok(true);
         }
-        self.push(Op::Forward(Expect::Describe));
-        Ok(())
+        if !self.prepare_on_server(&stmt, name.is_empty()) {
+            return Ok(false);
+        }
+        if name.is_empty() {
+            self.sout.extend_from_slice(&frame.raw);
+        } else {
+            messages::target_renamed(&mut self.sout, tag::DESCRIBE, b'S', &stmt.server_name);
+        }
+        self.push(Op::Forward(Expect::Describe {
+            stmt: Some(stmt.id),
+        }));
+        Ok(true)
     }
 
     async fn on_close(&mut self, frame: &Frame) -> Result<(), SessionError> {

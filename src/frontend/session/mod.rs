@@ -65,8 +65,23 @@ enum Expect {
         named: Option<u64>,
         unnamed: Option<u64>,
     },
-    Bind,
-    Describe,
+    /// `stmt`: the pool-wide statement bound, when known (0A000 on Bind retires it).
+    Bind {
+        stmt: Option<u64>,
+    },
+    /// `stmt`: set for Describe of a statement, whose answer is its result shape.
+    Describe {
+        stmt: Option<u64>,
+    },
+    /// A Describe of statement `id` the proxy sent to learn its result shape, or with
+    /// `gate`, to check it before the client's next frames go on (prepared.rs).
+    Shape {
+        id: u64,
+        gate: bool,
+    },
+    /// The proxy's Execute that makes the server fail the transaction the way a stale
+    /// prepared statement would; the server's error is replaced with PostgreSQL's own.
+    Raise,
     Execute,
     Close,
     Sync,
@@ -82,6 +97,14 @@ enum Op {
     Hidden(Expect),
     /// The proxy answers itself, at this point in the stream.
     Synthetic(Bytes),
+}
+
+/// A shape check the client's frames wait for: the statement re-created on the held
+/// connection must describe the shape clients were given.
+struct Gate {
+    stmt: Arc<PreparedStatement>,
+    /// The client's own Parse created it under this name (else a hidden Parse did).
+    client_name: Option<String>,
 }
 
 enum Flow {
@@ -119,6 +142,13 @@ pub struct Session<R, W> {
     /// The current loan ran a statement that writes: learn the WAL position at release.
     hold_wrote: bool,
     ops: VecDeque<Op>,
+    /// Set while a shape check is under way: no client frame is processed meanwhile.
+    gate: Option<Gate>,
+    /// The client frame that asked for the check, processed again once it is done.
+    held: Option<crate::protocol::Frame>,
+    /// A statement that may change result shapes (ALTER, DROP...) ran in this
+    /// transaction: prepared statements start a new epoch when it ends.
+    ddl_pending: bool,
     /// After an error in an extended-protocol batch the server ignores everything up
     /// to Sync; so do we.
     skipping: bool,
@@ -178,6 +208,9 @@ where
             replay: None,
             hold_wrote: false,
             ops: VecDeque::new(),
+            gate: None,
+            held: None,
+            ddl_pending: false,
             skipping: false,
             statements: HashMap::new(),
             unnamed: None,
@@ -230,7 +263,12 @@ where
         if let Flow::Stop = self.process_client_frames().await? {
             return Ok(Flow::Stop);
         }
+        let gated = self.gate.is_some();
         self.process_server_frames()?;
+        if gated && self.gate.is_none() {
+            // The shape check is done: the client's waiting frames go on at once.
+            return Ok(Flow::Continue);
+        }
         self.maybe_release().await;
         if self.server.is_none() && *self.shutdown.borrow() {
             return Err(self.shutting_down());
@@ -254,6 +292,7 @@ where
         self.server = None;
         self.cancel.set(None);
         self.ops.clear();
+        self.gate = None;
         self.sout.clear();
         self.pending.clear();
         self.skipping = false;
@@ -264,6 +303,9 @@ where
         );
         for frame in &frames {
             again.extend_from_slice(frame);
+        }
+        if let Some(held) = self.held.take() {
+            again.extend_from_slice(&held.raw);
         }
         again.extend_from_slice(&self.cbuf);
         self.cbuf = again;
@@ -286,9 +328,12 @@ where
             sout,
             server,
             shutdown,
+            gate,
             ..
         } = self;
         let idle = server.is_none();
+        // While a shape check is under way the client's frames wait: don't buffer more.
+        let gated = gate.is_some();
         let (srd, swr, rbuf) = match server.as_mut() {
             Some(conn) => {
                 let conn = &mut **conn;
@@ -305,7 +350,7 @@ where
             r = read_server(srd, rbuf), if !idle && cout.len() < OUT_LIMIT => {
                 Ok(Event::ServerRead(r.map_err(BackendError::Io)?))
             }
-            r = rd.read_buf(cbuf), if sout.len() < OUT_LIMIT => Ok(Event::ClientRead(r?)),
+            r = rd.read_buf(cbuf), if sout.len() < OUT_LIMIT && !gated => Ok(Event::ClientRead(r?)),
             _ = shutdown.changed(), if idle => Ok(Event::Shutdown),
         }
     }

@@ -6,13 +6,50 @@
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
 use super::{Expect, Op, Session, SessionError};
 use crate::backend::conn::MAX_SERVER_MESSAGE;
 use crate::backend::params::SessionParams;
 use crate::backend::BackendError;
+use crate::frontend::prepared::{shape_of, PreparedStatement};
 use crate::frontend::session_sql::SessionEffect;
 use crate::protocol::messages::btag;
 use crate::protocol::peek_frame;
+
+/// What a server message carries that bookkeeping needs, decoded only when it does.
+enum Detail {
+    None,
+    /// The result shape of a RowDescription/NoData answering a statement Describe.
+    Shape(u64),
+    /// The SQLSTATE of an ErrorResponse answering a Bind or our Raise.
+    Code(String),
+}
+
+/// PostgreSQL's SQLSTATE for "cached plan must not change result type".
+const STALE_PLAN_CODE: &str = "0A000";
+
+/// The error PostgreSQL gives when a prepared statement's result shape changed,
+/// with the routine name drivers check (pgjdbc re-prepares on it).
+fn stale_statement_error(out: &mut BytesMut) {
+    use crate::protocol::messages::{put_cstr, put_msg};
+    put_msg(out, btag::ERROR_RESPONSE, |b| {
+        for (field, value) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', STALE_PLAN_CODE),
+            (b'M', "cached plan must not change result type"),
+            (b'F', "plancache.c"),
+            (b'R', "RevalidateCachedQuery"),
+        ] {
+            b.extend_from_slice(&[field]);
+            put_cstr(b, value);
+        }
+        b.extend_from_slice(&[0]);
+    });
+}
 
 impl<R, W> Session<R, W>
 where
@@ -40,7 +77,27 @@ where
                     return Err(BackendError::Server { code, message }.into());
                 }
             }
-            let forward = self.on_server_message(header.tag, status);
+            let detail = match (header.tag, self.ops.front()) {
+                (
+                    btag::ROW_DESCRIPTION | btag::NO_DATA,
+                    Some(
+                        Op::Forward(Expect::Describe { stmt: Some(_) })
+                        | Op::Hidden(Expect::Shape { .. }),
+                    ),
+                ) => Detail::Shape(shape_of(&conn.rbuf[..header.len])),
+                (
+                    btag::ERROR_RESPONSE,
+                    Some(Op::Forward(Expect::Bind { stmt: Some(_) }) | Op::Hidden(Expect::Raise)),
+                ) => {
+                    let frame = crate::protocol::Frame {
+                        tag: header.tag,
+                        raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+                    };
+                    Detail::Code(crate::protocol::messages::decode_error_fields(&frame).0)
+                }
+                _ => Detail::None,
+            };
+            let forward = self.on_server_message(header.tag, status, detail);
             let Some(conn) = self.server.as_mut() else {
                 return Ok(());
             };
@@ -65,7 +122,7 @@ where
 
     /// Updates the op queue for one server message; returns whether the client sees it.
     /// `first_byte` is the body's first byte (the status for ReadyForQuery).
-    fn on_server_message(&mut self, tag: u8, first_byte: u8) -> bool {
+    fn on_server_message(&mut self, tag: u8, first_byte: u8, detail: Detail) -> bool {
         let head = match self.ops.front() {
             Some(Op::Forward(e)) => Some((*e, false)),
             Some(Op::Hidden(e)) => Some((*e, true)),
@@ -96,11 +153,28 @@ where
             btag::ERROR_RESPONSE => {
                 self.txn_failed = true;
                 self.copy_in = false;
+                let mut forward = true;
+                match (expect, &detail) {
+                    (Some(Expect::Raise), _) => {
+                        // Our stand-in for a stale statement failed as intended: the
+                        // client gets the error PostgreSQL itself gives (drivers such
+                        // as pgjdbc recognise it by its routine and re-prepare).
+                        stale_statement_error(&mut self.cout);
+                        forward = false;
+                    }
+                    (Some(Expect::Bind { stmt: Some(id) }), Detail::Code(code))
+                        if code == STALE_PLAN_CODE =>
+                    {
+                        self.stale_on_server(id);
+                    }
+                    _ => {}
+                }
                 if !matches!(expect, Some(Expect::Query | Expect::FunctionCall)) {
                     self.drop_until_sync();
                 }
-                true
+                forward
             }
+            btag::PARAMETER_DESCRIPTION => !hidden,
             btag::PARSE_COMPLETE => {
                 if let Some(Expect::Parse { named, unnamed }) = expect {
                     self.mark_validated(named.or(unnamed));
@@ -112,17 +186,32 @@ where
                 self.ops.pop_front();
                 !hidden
             }
-            btag::ROW_DESCRIPTION | btag::NO_DATA => {
-                if expect == Some(Expect::Describe) {
+            btag::ROW_DESCRIPTION | btag::NO_DATA => match expect {
+                Some(Expect::Describe { stmt }) => {
                     self.ops.pop_front();
+                    if let (Some(id), Detail::Shape(shape)) = (stmt, detail) {
+                        if let Some(stmt) = self.statement_by_id(id) {
+                            if !stmt.check_shape(shape) {
+                                self.retire(&stmt);
+                            }
+                        }
+                    }
+                    true
                 }
-                true
-            }
+                Some(Expect::Shape { id, gate }) => {
+                    self.ops.pop_front();
+                    if let Detail::Shape(shape) = detail {
+                        self.on_shape(id, gate, shape);
+                    }
+                    false
+                }
+                _ => true,
+            },
             btag::COMMAND_COMPLETE | btag::EMPTY_QUERY | btag::PORTAL_SUSPENDED => {
-                if expect == Some(Expect::Execute) {
+                if matches!(expect, Some(Expect::Execute | Expect::Raise)) {
                     self.ops.pop_front();
                 }
-                true
+                !hidden
             }
             _ => true,
         }
@@ -134,6 +223,11 @@ where
         while let Some(op) = self.ops.front() {
             if matches!(op, Op::Forward(Expect::Sync)) {
                 return;
+            }
+            if matches!(op, Op::Hidden(Expect::Shape { gate: true, .. })) {
+                // The check will never be answered: the client's held frame goes on
+                // (to be skipped up to Sync like the rest).
+                self.gate = None;
             }
             if let Some(
                 Op::Forward(Expect::Parse { named, unnamed })
@@ -169,6 +263,67 @@ where
         }
     }
 
+    /// A statement of this session by pool-wide id (rare: shape and stale events).
+    fn statement_by_id(&self, id: u64) -> Option<Arc<PreparedStatement>> {
+        self.statements
+            .values()
+            .chain(self.unnamed.iter())
+            .chain(self.gate.iter().map(|g| &g.stmt))
+            .find(|s| s.id == id)
+            .cloned()
+    }
+
+    /// The statement's shape changed (DDL): no server connection of this session
+    /// keeps it under its old name, and nobody is handed it again.
+    fn retire(&mut self, stmt: &PreparedStatement) {
+        tracing::info!(statement = %stmt.server_name, "prepared statement changed result shape; retired");
+        self.fe.statements.retire(stmt);
+        if let Some(conn) = self.server.as_mut() {
+            conn.prepared.remove(&stmt.id);
+            if conn.unnamed == Some(stmt.id) {
+                conn.unnamed = None;
+            }
+        }
+    }
+
+    /// The answer to a Describe the proxy sent after parsing a statement.
+    fn on_shape(&mut self, id: u64, gate: bool, shape: u64) {
+        let gate = if gate { self.gate.take() } else { None };
+        let stmt = match &gate {
+            Some(gate) => Some(gate.stmt.clone()),
+            None => self.statement_by_id(id),
+        };
+        let Some(stmt) = stmt else {
+            return;
+        };
+        if stmt.check_shape(shape) {
+            return;
+        }
+        self.retire(&stmt);
+        if let Some(super::Gate {
+            client_name: Some(name),
+            ..
+        }) = gate
+        {
+            // The client's own Parse just made it, with the new shape: its name now
+            // means a new statement (re-created on the server when first bound).
+            let fresh = self.fe.statements.register(&stmt.query, &stmt.param_types);
+            self.statements.insert(name, fresh);
+        }
+    }
+
+    /// The server said a bound statement's cached plan changed result type: DDL ran
+    /// somewhere. Retire the statement (the client re-prepares, as directly) and
+    /// start a new epoch so statements prepared from now on are fresh.
+    fn stale_on_server(&mut self, id: u64) {
+        if let Some(stmt) = self.statement_by_id(id) {
+            self.retire(&stmt);
+        } else if let Some(conn) = self.server.as_mut() {
+            conn.prepared.remove(&id);
+        }
+        self.fe.statements.new_epoch();
+    }
+
     fn emit_synthetic(&mut self) {
         while let Some(Op::Synthetic(bytes)) = self.ops.front() {
             self.cout.extend_from_slice(bytes);
@@ -183,6 +338,10 @@ where
     fn on_ready(&mut self, status: u8) {
         if status != b'I' {
             return;
+        }
+        if std::mem::take(&mut self.ddl_pending) {
+            // Committed (or rolled back) now: statements prepared from here on see it.
+            self.fe.statements.new_epoch();
         }
         let effects = std::mem::take(&mut self.pending);
         let failed = std::mem::replace(&mut self.txn_failed, false);
