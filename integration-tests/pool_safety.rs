@@ -568,3 +568,122 @@ async fn a_stale_statement_fails_the_transaction_on_the_server_too() {
         .get(0);
     assert_eq!(su_rows, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_client_keeps_its_connection_and_gets_notifications() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            acquire_timeout: "1s",
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel = unique_name("chan");
+    let mut l = Raw::connect(&proxy).await;
+    l.query(&format!("LISTEN {channel}")).send().await;
+    l.read_until(b'Z').await;
+    let su = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    su.batch_execute(&format!("NOTIFY {channel}, 'one'"))
+        .await
+        .unwrap();
+    let got = l.read_until(b'A').await;
+    let (_, body) = got.last().unwrap();
+    assert!(
+        body.windows(3).any(|w| w == b"one"),
+        "notification payload: {body:?}"
+    );
+    // The only primary connection is the listener's: another client waits for it.
+    let other = primary_client(&proxy).await;
+    let err = other.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"));
+    // Between its own transactions too, the listener keeps its server connection.
+    l.query("SELECT 1").send().await;
+    l.read_until(b'Z').await;
+    su.batch_execute(&format!("NOTIFY {channel}, 'two'"))
+        .await
+        .unwrap();
+    let got = l.read_until(b'A').await;
+    assert!(got.last().unwrap().1.windows(3).any(|w| w == b"two"));
+    // UNLISTEN * gives it back to the pool.
+    l.query("UNLISTEN *").send().await;
+    l.read_until(b'Z').await;
+    let after = primary_client(&proxy).await;
+    after.batch_execute("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_with_hold_cursor_survives_its_transaction() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let c = proxy.client().await;
+    c.batch_execute("DECLARE held CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 6) g")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        // Other clients use the pool in between.
+        let others = (0..4).map(|_| async {
+            let o = primary_client(&proxy).await;
+            o.batch_execute("SELECT 1").await.unwrap();
+        });
+        futures_util::future::join_all(others).await;
+        let rows = c.simple_query("FETCH 2 FROM held").await.unwrap();
+        for m in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                seen.push(r.get(0).unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(seen, ["1", "2", "3", "4", "5", "6"]);
+    c.batch_execute("CLOSE held").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_characteristics_read_only_follows_the_client() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let table = unique_name("readonly");
+    let c = proxy.client().await;
+    c.batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .unwrap();
+    c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        .await
+        .unwrap();
+    for i in 0..4 {
+        // Other clients churn the pool, so the next insert runs on another connection.
+        let others = (0..3).map(|_| async {
+            let o = primary_client(&proxy).await;
+            o.batch_execute("SELECT pg_sleep(0.01)").await.unwrap();
+        });
+        futures_util::future::join_all(others).await;
+        let err = c
+            .batch_execute(&format!("INSERT INTO {table} VALUES ({i})"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("25006"), "round {i}");
+    }
+    c.batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        .await
+        .unwrap();
+    c.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
+        .await
+        .unwrap();
+}

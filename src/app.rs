@@ -133,6 +133,7 @@ pub fn build_frontend(
         fresh,
         analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
         route_counter: Default::default(),
+        pinned_sessions: Default::default(),
         route_stats: Default::default(),
         pools: Pools::default(),
         statements: Default::default(),

@@ -70,6 +70,9 @@ pub struct Frontend {
     pub analysis: AnalysisCache,
     /// Rotates ties between equally loaded replicas.
     pub route_counter: AtomicUsize,
+    /// Clients holding their server connection between transactions because they
+    /// LISTEN or keep a WITH HOLD cursor open (transaction pooling).
+    pub pinned_sessions: AtomicUsize,
     /// Routing decisions by reason (why reads went to the primary, among others).
     pub route_stats: crate::routing::route::RouteStats,
     pub pools: Pools,

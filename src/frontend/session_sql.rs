@@ -9,11 +9,33 @@
 /// One effect on session state, applied only once the statement has succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEffect {
-    Set { name: String, value: String },
-    Reset { name: String },
+    Set {
+        name: String,
+        value: String,
+    },
+    Reset {
+        name: String,
+    },
     ResetAll,
     DiscardAll,
     DeallocateAll,
+    /// `LISTEN channel`: the client keeps its server connection while it listens.
+    Listen {
+        channel: String,
+    },
+    /// `UNLISTEN channel`, or `UNLISTEN *` (None).
+    Unlisten {
+        channel: Option<String>,
+    },
+    /// `DECLARE name ... WITH HOLD`: the cursor outlives the transaction, so the client
+    /// keeps its server connection until it closes the cursor.
+    HoldCursor {
+        name: String,
+    },
+    /// `CLOSE name`, or `CLOSE ALL` (None).
+    CloseCursor {
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,12 +90,52 @@ fn analyze_one(stmt: &str, out: &mut SessionEffects) {
         ["deallocate", "all", ..]
         | ["deallocate", "all;", ..]
         | ["deallocate", "prepare", "all", ..] => out.effects.push(SessionEffect::DeallocateAll),
-        ["discard" | "deallocate" | "listen" | "prepare" | "load", ..] => out.taints = true,
+        ["listen", ..] => {
+            out.taints = true;
+            if let Some(channel) = object_name(stmt, 1) {
+                out.effects.push(SessionEffect::Listen { channel });
+            }
+        }
+        ["unlisten", ..] => {
+            let channel = object_name(stmt, 1).filter(|c| c != "*");
+            out.effects.push(SessionEffect::Unlisten { channel });
+        }
+        ["close", "all", ..] | ["close", "all;", ..] => {
+            out.effects.push(SessionEffect::CloseCursor { name: None })
+        }
+        ["close", ..] => {
+            if let Some(name) = object_name(stmt, 1) {
+                out.effects
+                    .push(SessionEffect::CloseCursor { name: Some(name) });
+            }
+        }
+        ["declare", ..] if lower.contains("with hold") => {
+            out.taints = true;
+            if let Some(name) = object_name(stmt, 1) {
+                out.effects.push(SessionEffect::HoldCursor { name });
+            }
+        }
+        ["discard" | "deallocate" | "prepare" | "load", ..] => out.taints = true,
         ["create", w, ..] if is_temp(w) => out.taints = true,
         ["create", "local" | "global", w, ..] if is_temp(w) => out.taints = true,
-        ["declare", ..] if lower.contains("with hold") => out.taints = true,
         _ => {}
     }
+}
+
+/// The `index`-th word of a statement as an object name: `"Quoted"` as written,
+/// anything else folded to lower case as PostgreSQL does.
+fn object_name(stmt: &str, index: usize) -> Option<String> {
+    let mut rest = stmt.trim_end().trim_end_matches(';');
+    for _ in 0..index {
+        rest = next_word(rest).1;
+    }
+    let rest = rest.trim_start();
+    if let Some(quoted) = rest.strip_prefix('"') {
+        let end = quoted.find('"')?;
+        return Some(quoted[..end].to_owned());
+    }
+    let word = next_word(rest).0.trim_end_matches(';');
+    (!word.is_empty()).then(|| word.to_ascii_lowercase())
 }
 
 fn is_temp(word: &str) -> bool {
@@ -89,6 +151,10 @@ fn set_effect(stmt: &str, out: &mut SessionEffects) {
         rest = after_first.trim_start();
     }
     let (first, after_first) = next_word(rest);
+    if first.eq_ignore_ascii_case("characteristics") {
+        session_characteristics(after_first, out);
+        return;
+    }
     let (name, value) = match first.to_ascii_lowercase().as_str() {
         // Transaction-scoped: nothing outlives the transaction.
         "local" | "transaction" | "constraints" => return,
@@ -121,6 +187,48 @@ fn set_effect(stmt: &str, out: &mut SessionEffects) {
             value: value.to_owned(),
         });
     }
+}
+
+/// `SET SESSION CHARACTERISTICS AS TRANSACTION mode [, ...]`: the same as setting the
+/// `default_transaction_*` parameters, and replayed as those.
+fn session_characteristics(rest: &str, out: &mut SessionEffects) {
+    let lower = rest.to_ascii_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let Some(["as", "transaction", modes @ ..]) = Some(words.as_slice()) else {
+        out.taints = true;
+        return;
+    };
+    let mut effects = Vec::new();
+    let mut i = 0;
+    while i < modes.len() {
+        let (name, value, used) = match &modes[i..] {
+            ["isolation", "level", "serializable", ..] => ("isolation", "'serializable'", 3),
+            ["isolation", "level", "repeatable", "read", ..] => {
+                ("isolation", "'repeatable read'", 4)
+            }
+            ["isolation", "level", "read", "committed", ..] => ("isolation", "'read committed'", 4),
+            ["isolation", "level", "read", "uncommitted", ..] => {
+                ("isolation", "'read uncommitted'", 4)
+            }
+            ["read", "only", ..] => ("read_only", "on", 2),
+            ["read", "write", ..] => ("read_only", "off", 2),
+            ["deferrable", ..] => ("deferrable", "on", 1),
+            ["not", "deferrable", ..] => ("deferrable", "off", 2),
+            _ => {
+                out.taints = true;
+                return;
+            }
+        };
+        effects.push(SessionEffect::Set {
+            name: format!("default_transaction_{name}"),
+            value: value.to_owned(),
+        });
+        i += used;
+    }
+    out.effects.extend(effects);
 }
 
 /// Splits `name TO v`, `name = v` or `name=v` into the lower-case name and the value.

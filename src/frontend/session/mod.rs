@@ -11,7 +11,7 @@
 mod client_msgs;
 mod server_msgs;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 
@@ -146,6 +146,12 @@ pub struct Session<R, W> {
     gate: Option<Gate>,
     /// The client frame that asked for the check, processed again once it is done.
     held: Option<crate::protocol::Frame>,
+    /// Channels the client listens on and WITH HOLD cursors it keeps open: while
+    /// either is non-empty its server connection stays with it between transactions
+    /// (transaction pooling), so notifications arrive and cursors survive.
+    listening: HashSet<String>,
+    held_cursors: HashSet<String>,
+    pinned: bool,
     /// A statement that may change result shapes (ALTER, DROP...) ran in this
     /// transaction: prepared statements start a new epoch when it ends.
     ddl_pending: bool,
@@ -211,6 +217,9 @@ where
             gate: None,
             held: None,
             ddl_pending: false,
+            listening: HashSet::new(),
+            held_cursors: HashSet::new(),
+            pinned: false,
             skipping: false,
             statements: HashMap::new(),
             unnamed: None,
@@ -243,6 +252,27 @@ where
         }
         self.flush_client().await;
         self.finish().await;
+        self.set_pinned(false);
+    }
+
+    /// Keeps the server connection between transactions while the client listens or
+    /// holds a cursor (and counts such clients).
+    fn set_pinned(&mut self, pinned: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if pinned == self.pinned {
+            return;
+        }
+        self.pinned = pinned;
+        if pinned {
+            self.fe.pinned_sessions.fetch_add(1, Relaxed);
+            tracing::debug!(
+                listening = self.listening.len(),
+                cursors = self.held_cursors.len(),
+                "server connection pinned to its client (LISTEN or WITH HOLD cursor)"
+            );
+        } else {
+            self.fe.pinned_sessions.fetch_sub(1, Relaxed);
+        }
     }
 
     async fn query_loop(&mut self) -> Result<(), SessionError> {
@@ -460,7 +490,7 @@ where
     /// Transaction pooling: give the server back as soon as it is idle and we owe
     /// nothing to either side.
     async fn maybe_release(&mut self) {
-        if self.fe.settings.pool_mode != PoolMode::Transaction {
+        if self.fe.settings.pool_mode != PoolMode::Transaction || self.pinned {
             return;
         }
         let idle = match &self.server {

@@ -370,10 +370,26 @@ where
                     self.params = self.startup_params.clone();
                     conn.applied = SessionParams::default();
                 }
+                SessionEffect::Listen { channel } => {
+                    self.listening.insert(channel);
+                }
+                SessionEffect::Unlisten { channel: Some(c) } => {
+                    self.listening.remove(&c);
+                }
+                SessionEffect::Unlisten { channel: None } => self.listening.clear(),
+                SessionEffect::HoldCursor { name } => {
+                    self.held_cursors.insert(name);
+                }
+                SessionEffect::CloseCursor { name: Some(name) } => {
+                    self.held_cursors.remove(&name);
+                }
+                SessionEffect::CloseCursor { name: None } => self.held_cursors.clear(),
                 SessionEffect::DiscardAll | SessionEffect::DeallocateAll => {
                     if effect == SessionEffect::DiscardAll {
                         self.params = self.startup_params.clone();
                         conn.applied = SessionParams::default();
+                        self.listening.clear();
+                        self.held_cursors.clear();
                     }
                     conn.prepared.clear();
                     conn.unnamed = None;
@@ -382,5 +398,7 @@ where
                 }
             }
         }
+        let pin = !self.listening.is_empty() || !self.held_cursors.is_empty();
+        self.set_pinned(pin);
     }
 }

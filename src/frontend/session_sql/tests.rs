@@ -72,7 +72,6 @@ fn untracked_session_state_taints() {
         "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
         "SET ROLE other",
         "SET SESSION AUTHORIZATION other",
-        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
         "SET x = 1 -- trailing comment",
         "DISCARD TEMP",
     ] {
@@ -111,4 +110,59 @@ fn discard_and_deallocate_all() {
         vec![SessionEffect::DeallocateAll]
     );
     assert!(analyze("DEALLOCATE p1").taints);
+}
+
+#[test]
+fn session_characteristics_become_default_transaction_settings() {
+    assert_eq!(
+        analyze("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").effects,
+        vec![set("default_transaction_read_only", "on")]
+    );
+    assert_eq!(
+        analyze("set session characteristics as transaction isolation level repeatable read, read write, not deferrable;").effects,
+        vec![
+            set("default_transaction_isolation", "'repeatable read'"),
+            set("default_transaction_read_only", "off"),
+            set("default_transaction_deferrable", "off"),
+        ]
+    );
+    let odd = analyze("SET SESSION CHARACTERISTICS AS TRANSACTION SNAPSHOT x");
+    assert!(odd.taints && odd.effects.is_empty());
+}
+
+#[test]
+fn listen_and_held_cursors_are_tracked() {
+    let listen = analyze("LISTEN Jobs");
+    assert!(listen.taints);
+    assert_eq!(
+        listen.effects,
+        vec![SessionEffect::Listen {
+            channel: "jobs".into()
+        }]
+    );
+    assert_eq!(
+        analyze("UNLISTEN \"Jobs\"").effects,
+        vec![SessionEffect::Unlisten {
+            channel: Some("Jobs".into())
+        }]
+    );
+    assert_eq!(
+        analyze("UNLISTEN *").effects,
+        vec![SessionEffect::Unlisten { channel: None }]
+    );
+    assert_eq!(
+        analyze("DECLARE c1 CURSOR WITH HOLD FOR SELECT 1").effects,
+        vec![SessionEffect::HoldCursor { name: "c1".into() }]
+    );
+    assert!(analyze("DECLARE c1 CURSOR FOR SELECT 1").is_empty());
+    assert_eq!(
+        analyze("close C1;").effects,
+        vec![SessionEffect::CloseCursor {
+            name: Some("c1".into())
+        }]
+    );
+    assert_eq!(
+        analyze("CLOSE ALL").effects,
+        vec![SessionEffect::CloseCursor { name: None }]
+    );
 }
