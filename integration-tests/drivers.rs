@@ -283,11 +283,11 @@ async fn run_program(driver: &str, program: &Program, at: &Endpoint) -> RunResul
 /// The control run against the primary, then the same program through the proxy.
 async fn drive(driver: &str, prepare: fn() -> Result<Program, String>) {
     let suite_started = Instant::now();
-    let cluster = shared_cluster();
     let program = match tokio::task::spawn_blocking(prepare).await.unwrap() {
         Ok(program) => program,
         Err(reason) => return skip_or_fail(driver, &reason),
     };
+    let cluster = shared_cluster();
     let direct = Endpoint {
         label: "direct to the primary (control)".into(),
         host: cluster.primary.0.clone(),

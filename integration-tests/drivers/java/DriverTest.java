@@ -390,13 +390,19 @@ public class DriverTest {
             c.rollback();
             c.setAutoCommit(true);
         }
-        // Read-only must not leak to anyone else sharing the server connections.
+    }
+
+    // Read-only must not leak to anyone else sharing the server connections.
+    static void readOnlyDoesNotLeak() throws Exception {
+        try (Connection ro = connect("readOnly=true&readOnlyMode=always")) {
+            checkEq(3000L, scalarLong(ro, "SELECT count(*) FROM " + T_ITEMS), "read on read-only connection");
+        }
         try (Connection c = connect("")) {
             check(!c.isReadOnly(), "plain connection read-only");
             for (int i = 0; i < 8; i++) {
                 exec(c, "INSERT INTO " + T_RO + " VALUES (" + (1000 + i) + ")");
             }
-            checkEq(8L, scalarLong(c, "SELECT count(*) FROM " + T_RO), "rows written by a plain connection");
+            checkEq(8L, scalarLong(c, "SELECT count(*) FROM " + T_RO + " WHERE id >= 1000"), "rows written by a plain connection");
             try (Statement s = c.createStatement(); ResultSet rs = s.executeQuery("SHOW transaction_read_only")) {
                 check(rs.next(), "no transaction_read_only");
                 checkEq("off", rs.getString(1), "transaction_read_only on a plain connection");
@@ -443,6 +449,36 @@ public class DriverTest {
                         checkEq("x", rs.getString("extra"), "extra");
                     }
                 }
+                // DDL from another connection (a migration) while this one keeps its
+                // prepared statement. Until the change is visible (through the proxy this
+                // connection may read from a replica that lags) the old shape may come back;
+                // an error never may: pgjdbc heals 0A000 by itself in autocommit mode.
+                try (Connection other = connect("")) {
+                    exec(other, "ALTER TABLE " + T_SHAPE + " ADD COLUMN later int NOT NULL DEFAULT 7");
+                }
+                long deadline = System.currentTimeMillis() + 10_000;
+                while (true) {
+                    ps.setInt(1, 2);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        List<String> cols = columns(rs);
+                        if (cols.equals(List.of("id", "extra", "later"))) {
+                            check(rs.next(), "row 2 missing after another connection's ADD COLUMN");
+                            checkEq(7, rs.getInt("later"), "column added by another connection");
+                            break;
+                        }
+                        checkEq(List.of("id", "extra"), cols, "columns before another connection's ADD COLUMN is visible");
+                        check(System.currentTimeMillis() < deadline,
+                                "column added by another connection still not visible after 10 s");
+                    }
+                    Thread.sleep(100);
+                }
+                for (int i = 0; i < 6; i++) {
+                    ps.setInt(1, 1 + i % 2);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        checkEq(List.of("id", "extra", "later"), columns(rs), "columns after another connection's ADD COLUMN (run " + i + ")");
+                        check(rs.next(), "row missing");
+                    }
+                }
             }
         }
     }
@@ -470,6 +506,7 @@ public class DriverTest {
         steps.put("fetch_size_autocommit_off", DriverTest::fetchSize);
         steps.put("copy_manager", DriverTest::copy);
         steps.put("read_only_mode_always", DriverTest::readOnly);
+        steps.put("read_only_does_not_leak", DriverTest::readOnlyDoesNotLeak);
         steps.put("alter_table_reprepare", DriverTest::alterTableReprepare);
 
         List<String> failures = new ArrayList<>();
