@@ -123,13 +123,34 @@ def step_named_cursor():
             _assert_eq(more[0]["id"], ITEMS - 300, "second batch")
         _assert_eq(scalar(conn, f"SELECT count(*) FROM {T_ITEMS}"), ITEMS, "count after partial cursor")
         conn.rollback()
-        # (No WITH HOLD cursor here: it outlives its transaction, which transaction pooling
-        # documents as unsupported session state, see docs/decisions.md.)
         with conn.cursor(name="sum_cursor") as cur:
             cur.itersize = 400
             cur.execute("SELECT g FROM generate_series(1, 3000) g")
             total = sum(row[0] for row in cur)
             _assert_eq(total, 3000 * 3001 // 2, "named cursor sum")
+        conn.commit()
+
+
+def step_named_cursor_with_hold():
+    # A WITH HOLD cursor outlives the transaction that declared it: psycopg2 commits after
+    # DECLARE, then FETCHes in later transactions. The proxy must keep this client's
+    # server connection until the cursor is closed.
+    with Connection() as conn:
+        with conn.cursor(name="held_cursor", withhold=True) as cur:
+            cur.itersize = 400
+            cur.execute(f"SELECT id, val FROM {T_ITEMS} ORDER BY id")
+            conn.commit()
+            expected = 1
+            for row_id, val in cur:
+                _assert_eq(row_id, expected, "WITH HOLD cursor row order")
+                _assert_eq(val, f"item-{expected}", "WITH HOLD cursor value")
+                if expected % 500 == 0:
+                    conn.commit()
+                expected += 1
+            _assert_eq(expected - 1, ITEMS, "WITH HOLD cursor row count")
+        conn.commit()
+        # Closed: the connection is ordinary again.
+        _assert_eq(scalar(conn, "SELECT count(*) FROM pg_cursors"), 0, "open cursors after close")
         conn.commit()
 
 
@@ -321,6 +342,7 @@ def step_concurrent_connections():
 STEPS = [
     ("setup", step_setup),
     ("named_cursor_itersize", step_named_cursor),
+    ("named_cursor_with_hold", step_named_cursor_with_hold),
     ("copy_expert", step_copy_expert),
     ("executemany", step_executemany),
     ("transactions_rollback", step_transactions),
