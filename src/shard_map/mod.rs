@@ -9,6 +9,7 @@
 mod addr;
 mod build;
 mod error;
+pub mod hash;
 mod keyspace;
 mod raw;
 #[cfg(test)]
