@@ -84,7 +84,6 @@ impl Raw {
         self
     }
 
-    #[allow(dead_code)]
     fn query(&mut self, sql: &str) -> &mut Self {
         messages::query(&mut self.out, sql);
         self
@@ -686,4 +685,54 @@ async fn session_characteristics_read_only_follows_the_client() {
     c.batch_execute(&format!("INSERT INTO {table} VALUES (1)"))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_streamed_without_waiting_leaves_the_session_in_step() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            acquire_timeout: "3s",
+            ..Default::default()
+        },
+    )
+    .await;
+    let table = unique_name("eager_copy");
+    primary_client(&proxy)
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .unwrap();
+    // asyncpg's copy_records_to_table: the COPY, its data and CopyDone in one write,
+    // before the server's CopyInResponse.
+    let mut a = Raw::connect(&proxy).await;
+    a.query(&format!("COPY {table} FROM STDIN"));
+    for i in 0..100 {
+        put_msg(&mut a.out, b'd', |b| {
+            b.put_slice(format!("{i}\n").as_bytes())
+        });
+    }
+    messages::empty_msg(&mut a.out, b'c');
+    a.send().await;
+    let got = a.read_until(b'Z').await;
+    assert_eq!(error_code(&got), None, "{got:?}");
+    // Then an extended-protocol statement: its Sync must be the server's again.
+    a.parse("", &format!("INSERT INTO {table} VALUES (1000)"))
+        .bind("", "")
+        .execute("", 0)
+        .sync()
+        .send()
+        .await;
+    let got = a.read_until(b'Z').await;
+    assert_eq!(tags(&got), "12CZ");
+    // ... and the one server connection went back to the pool.
+    let other = primary_client(&proxy).await;
+    let n: i64 = other
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 101);
 }

@@ -78,7 +78,11 @@ where
                         .await?
                 }
                 tag::COPY_DONE | tag::COPY_FAIL => {
-                    self.copy_in = false;
+                    if self.copy_in {
+                        self.copy_in = false;
+                    } else if self.server.is_some() {
+                        self.copy_ended_early += 1;
+                    }
                     if self.server.is_some() {
                         self.sout.extend_from_slice(&frame.raw);
                     }

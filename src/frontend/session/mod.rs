@@ -171,6 +171,10 @@ pub struct Session<R, W> {
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone or
     /// CopyFail, so those owe no answer.
     copy_in: bool,
+    /// CopyDone/CopyFail the client sent before the server's CopyInResponse arrived
+    /// (clients may stream a whole COPY without waiting for it): that many coming
+    /// CopyInResponses start no copy-in state.
+    copy_ended_early: u32,
     cancel: Arc<CancelSlot>,
     shutdown: watch::Receiver<bool>,
 }
@@ -229,6 +233,7 @@ where
             pending: Vec::new(),
             txn_failed: false,
             copy_in: false,
+            copy_ended_early: 0,
             cancel: init.cancel,
             shutdown: init.shutdown,
         }
@@ -327,6 +332,7 @@ where
         self.pending.clear();
         self.skipping = false;
         self.copy_in = false;
+        self.copy_ended_early = 0;
         self.txn_failed = false;
         let mut again = BytesMut::with_capacity(
             frames.iter().map(|f| f.len()).sum::<usize>() + self.cbuf.len(),

@@ -138,6 +138,12 @@ where
                 self.ops.pop_front();
                 true
             }
+            btag::COPY_IN if self.copy_ended_early > 0 => {
+                // The client already sent all its data and CopyDone/CopyFail: the
+                // server is in copy-in only until it reads them.
+                self.copy_ended_early -= 1;
+                true
+            }
             btag::COPY_IN => {
                 // Syncs the client sent after the Execute that started COPY are ignored
                 // by the server: they owe no ReadyForQuery.
@@ -152,6 +158,10 @@ where
             }
             btag::ERROR_RESPONSE => {
                 self.txn_failed = true;
+                if !self.copy_in && self.copy_ended_early > 0 {
+                    // A COPY the client streamed eagerly failed before it started.
+                    self.copy_ended_early -= 1;
+                }
                 self.copy_in = false;
                 let mut forward = true;
                 match (expect, &detail) {
