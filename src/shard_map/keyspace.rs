@@ -11,6 +11,7 @@ use serde_saphyr::Spanned;
 use super::raw::{RawEntry, RawKeyspace, Text};
 use super::time::{format_timestamp, parse_timestamp};
 use super::yaml::{line_of, Issue};
+use super::hash::KeyType;
 use super::Keyspace;
 
 /// Resolves a `shard:` reference to a known shard name, or says why it cannot.
@@ -28,6 +29,10 @@ pub(crate) fn build(name: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result
     }
     match raw.kind.value.as_str() {
         "hash" => hash(&ctx, raw, shard),
+        "range" | "time" if raw.key_type.is_some() => Err(Issue::at(
+            raw.key_type.as_ref().unwrap_or(&raw.kind),
+            format!("{ctx}.key_type: only hash keyspaces have a key_type (range keys are integers, time keys timestamps)"),
+        )),
         "range" => {
             let axis = Axis {
                 noun: "keys",
@@ -89,7 +94,20 @@ fn hash(ctx: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result<Keyspace, Is
         .into_iter()
         .map(|(lo, hi, owner, _)| (lo..=hi, owner))
         .collect();
-    Ok(Keyspace::Hash { buckets, map })
+    let key_type = match raw.key_type.as_ref().map(|t| (t, t.value.as_str())) {
+        None | Some((_, "int" | "integer" | "bigint" | "smallint")) => KeyType::Int,
+        Some((_, "text" | "varchar")) => KeyType::Text,
+        Some((_, "uuid")) => KeyType::Uuid,
+        Some((t, other)) => {
+            let msg = format!("{ctx}.key_type: unknown key type \"{other}\", expected int, text or uuid");
+            return Err(Issue::at(t, msg));
+        }
+    };
+    Ok(Keyspace::Hash {
+        buckets,
+        key_type,
+        map,
+    })
 }
 
 /// `parts` is sorted by first bucket.

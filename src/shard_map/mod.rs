@@ -55,6 +55,11 @@ pub enum Keyspace {
     Hash {
         /// A power of two.
         buckets: u32,
+        /// Which of PostgreSQL's hash functions the key's type uses: `int` (smallint,
+        /// integer, bigint: `hashint8extended`, the default), `text` (text, varchar:
+        /// `hashtextextended`) or `uuid` (`uuid_hash_extended`). The proxy needs it
+        /// because a value such as `'42'` hashes differently as text and as a number.
+        key_type: hash::KeyType,
         /// Inclusive bucket ranges, sorted, covering `0..=buckets-1` without overlap.
         map: Vec<(RangeInclusive<u32>, String)>,
     },

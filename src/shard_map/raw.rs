@@ -39,6 +39,8 @@ pub(crate) struct RawKeyspace {
     #[serde(rename = "type")]
     pub kind: Text,
     pub buckets: Option<Spanned<u32>>,
+    /// Hash keyspaces: the key column's type family (`int`, `text`, `uuid`).
+    pub key_type: Option<Text>,
     pub map: Spanned<Vec<Spanned<RawEntry>>>,
 }
 

@@ -79,6 +79,7 @@ fn design_example_parses() {
     assert_eq!(map.default_shard().primary.port, 5432);
     let users = Keyspace::Hash {
         buckets: 1024,
+        key_type: crate::shard_map::hash::KeyType::Int,
         map: vec![(0..=511, "s0".into()), (512..=1023, "s1".into())],
     };
     assert_eq!(map.keyspaces["users"], users);
@@ -457,4 +458,27 @@ proptest! {
             prop_assert!(err.to_string().starts_with("map.yaml"));
         }
     }
+}
+
+#[test]
+fn hash_keyspaces_name_their_key_type() {
+    let yaml = |key_type: &str| {
+        format!(
+            "version: 1\ndatabase: app\nshards:\n  s0: {{ primary: 127.0.0.1:5432 }}\nkeyspaces:\n  k:\n    type: hash\n    buckets: 2\n{key_type}    map:\n      - {{ buckets: 0-1, shard: s0 }}\ndefault_shard: s0\n"
+        )
+    };
+    let path = Path::new("k.yaml");
+    let key_type = |text: &str| match ShardMap::from_yaml_str(&yaml(text), path) {
+        Ok(map) => match &map.keyspaces["k"] {
+            Keyspace::Hash { key_type, .. } => Ok(*key_type),
+            other => panic!("{other:?}"),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    use crate::shard_map::hash::KeyType;
+    assert_eq!(key_type(""), Ok(KeyType::Int));
+    assert_eq!(key_type("    key_type: text\n"), Ok(KeyType::Text));
+    assert_eq!(key_type("    key_type: uuid\n"), Ok(KeyType::Uuid));
+    let err = key_type("    key_type: float\n").unwrap_err();
+    assert!(err.contains("k.yaml:9") && err.contains("unknown key type \"float\""), "{err}");
 }
