@@ -308,7 +308,7 @@ async fn reads_survive_a_replica_crash() {
         "the monitor to mark the dead replica down",
         Duration::from_secs(10),
         || async {
-            let fresh = proxy.handle.frontend.fresh.load();
+            let fresh = proxy.handle.frontend.default_fresh().load();
             matches!(fresh.nodes[1].excluded, Some(Exclusion::Down(_))) && !fresh.nodes[1].healthy
         },
     )
@@ -317,7 +317,7 @@ async fn reads_survive_a_replica_crash() {
         proxy
             .handle
             .frontend
-            .fresh
+            .default_fresh()
             .load()
             .eligible_replicas()
             .count(),

@@ -17,10 +17,12 @@ use crate::backend::{PoolSettings, Pools};
 use crate::config::{Config, PoolMode as ConfigPoolMode};
 use crate::control::monitor::{self, MonitorHandle, MonitorNode, MonitorSettings};
 use crate::frontend::listener::Listener;
-use crate::frontend::{BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode};
+use crate::frontend::{
+    BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode, ShardRuntime,
+};
 use crate::protocol::scram::ScramSecret;
 use crate::routing::cache::AnalysisCache;
-use crate::shard_map::{NodeAddr, ShardMap};
+use crate::shard_map::{NodeAddr, ShardMap, ShardSpec};
 use crate::topology::SharedFreshness;
 
 /// Distinct simple-query texts whose analysis is kept.
@@ -40,7 +42,7 @@ pub struct ProxyHandle {
     pub frontend: Arc<Frontend>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
-    _monitor: MonitorHandle,
+    _monitors: Vec<MonitorHandle>,
 }
 
 impl ProxyHandle {
@@ -64,17 +66,16 @@ fn backend_node(addr: &NodeAddr) -> BackendNode {
     }
 }
 
-/// The default shard's nodes, primary first, in map order.
-fn shard_nodes(map: &ShardMap) -> Vec<&NodeAddr> {
-    let shard = map.default_shard();
+/// A shard's nodes, primary first, in map order.
+fn shard_nodes(shard: &ShardSpec) -> Vec<&NodeAddr> {
     std::iter::once(&shard.primary)
         .chain(shard.replicas.iter())
         .collect()
 }
 
-fn monitor_nodes(config: &Config, map: &ShardMap) -> Vec<MonitorNode> {
+fn monitor_nodes(config: &Config, map: &ShardMap, shard: &ShardSpec) -> Vec<MonitorNode> {
     let control = config.user(&config.control.user);
-    shard_nodes(map)
+    shard_nodes(shard)
         .into_iter()
         .map(|n| MonitorNode {
             host: n.host.clone(),
@@ -92,10 +93,28 @@ fn monitor_nodes(config: &Config, map: &ShardMap) -> Vec<MonitorNode> {
         .collect()
 }
 
+/// Per shard, in map order: its nodes and the freshness its monitor publishes.
+fn shard_runtimes(config: &Config, map: &ShardMap) -> Vec<(ShardRuntime, Vec<MonitorNode>)> {
+    map.shards
+        .iter()
+        .map(|(name, spec)| {
+            let monitor = monitor_nodes(config, map, spec);
+            let fresh: SharedFreshness =
+                Arc::new(ArcSwap::from_pointee(monitor::initial_freshness(&monitor)));
+            let shard = ShardRuntime {
+                name: name.clone(),
+                nodes: shard_nodes(spec).into_iter().map(backend_node).collect(),
+                fresh,
+            };
+            (shard, monitor)
+        })
+        .collect()
+}
+
 pub fn build_frontend(
     config: &Config,
     map: &ShardMap,
-    fresh: SharedFreshness,
+    shards: Vec<ShardRuntime>,
 ) -> Result<Frontend, AppError> {
     let users = config
         .users
@@ -129,8 +148,12 @@ pub fn build_frontend(
         settings,
         users,
         decoy: ScramSecret::new("decoy"),
-        nodes: shard_nodes(map).into_iter().map(backend_node).collect(),
-        fresh,
+        default_shard: shards
+            .iter()
+            .position(|s| s.name == map.default_shard)
+            .unwrap_or(0),
+        shards,
+        map: Arc::new(map.clone()),
         analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
         route_counter: Default::default(),
         pinned_sessions: Default::default(),
@@ -170,10 +193,9 @@ fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppErr
 
 /// Binds and starts the proxy in the current tokio runtime.
 pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppError> {
-    let nodes = monitor_nodes(config, map);
-    let fresh: SharedFreshness =
-        Arc::new(ArcSwap::from_pointee(monitor::initial_freshness(&nodes)));
-    let frontend = Arc::new(build_frontend(config, map, fresh.clone())?);
+    let (shards, monitored): (Vec<_>, Vec<_>) = shard_runtimes(config, map).into_iter().unzip();
+    let published: Vec<SharedFreshness> = shards.iter().map(|s| s.fresh.clone()).collect();
+    let frontend = Arc::new(build_frontend(config, map, shards)?);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| AppError::Bind(config.listen, e))?;
@@ -188,7 +210,11 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         max_lag_bytes: config.routing.max_replica_lag_bytes,
         connect_timeout: config.pool.connect_timeout,
     };
-    let monitor = monitor::spawn_monitor(nodes, settings, fresh);
+    let monitors = monitored
+        .into_iter()
+        .zip(published)
+        .map(|(nodes, fresh)| monitor::spawn_monitor(nodes, settings, fresh))
+        .collect();
     let listener = Listener {
         listener,
         fe: frontend.clone(),
@@ -205,7 +231,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         frontend,
         shutdown: tx,
         task,
-        _monitor: monitor,
+        _monitors: monitors,
     })
 }
 

@@ -46,7 +46,7 @@ pub struct ClientUser {
     pub scram: ScramSecret,
 }
 
-/// A node of the (default) shard: index 0 the primary, then the replicas.
+/// A node of a shard: index 0 the primary, then the replicas.
 #[derive(Debug, Clone)]
 pub struct BackendNode {
     pub host: String,
@@ -63,9 +63,12 @@ pub struct Frontend {
     /// Used for unknown users, so they go through the same exchange and fail the same
     /// way as a wrong password (no user enumeration).
     pub decoy: ScramSecret,
-    pub nodes: Vec<BackendNode>,
-    /// Node health and lag, published by the monitor.
-    pub fresh: SharedFreshness,
+    /// The map's shards in its (name) order: routing names shards by this index.
+    pub shards: Vec<ShardRuntime>,
+    /// Index of the map's `default_shard` in `shards`.
+    pub default_shard: usize,
+    /// The shard map routing follows.
+    pub map: std::sync::Arc<crate::shard_map::ShardMap>,
     /// Simple-query analysis by statement text.
     pub analysis: AnalysisCache,
     /// Rotates ties between equally loaded replicas.
@@ -81,7 +84,26 @@ pub struct Frontend {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
+/// One shard as the data path uses it.
+pub struct ShardRuntime {
+    pub name: String,
+    /// Index 0 the primary, then the replicas in map order.
+    pub nodes: Vec<BackendNode>,
+    /// Node health and lag, published by this shard's monitor.
+    pub fresh: SharedFreshness,
+}
+
 impl Frontend {
+    /// The default shard's freshness (the only shard's, for an unsharded map).
+    pub fn default_fresh(&self) -> &SharedFreshness {
+        &self.shards[self.default_shard].fresh
+    }
+
+    /// Whether routing has to look for shard keys at all.
+    pub fn sharded(&self) -> bool {
+        self.shards.len() > 1
+    }
+
     /// The server identity a client's pool connects with: credentials from the node
     /// address when it has them, otherwise the client's own.
     pub fn server_target(&self, user: &str, node: &BackendNode) -> ServerTarget {

@@ -318,15 +318,22 @@ async fn run_session(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stream = stream;
-    let pools: Vec<_> = fe
-        .nodes
+    // Pools are cheap until used: connections open on first acquire.
+    let pools: Vec<Vec<_>> = fe
+        .shards
         .iter()
-        .map(|node| {
-            fe.pools
-                .get(&fe.server_target(&user, node), &fe.settings.pool)
+        .map(|shard| {
+            shard
+                .nodes
+                .iter()
+                .map(|node| {
+                    fe.pools
+                        .get(&fe.server_target(&user, node), &fe.settings.pool)
+                })
+                .collect()
         })
         .collect();
-    let server_params = match pools[0].server_params().await {
+    let server_params = match pools[fe.default_shard][0].server_params().await {
         Ok(p) => p,
         Err(error) => {
             let error = LoginError::Refused(

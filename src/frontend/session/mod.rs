@@ -127,11 +127,15 @@ pub struct Session<R, W> {
     cbuf: BytesMut,
     cout: BytesMut,
     sout: BytesMut,
-    /// One pool per node of the shard (index 0 the primary).
-    pools: Vec<Arc<Pool>>,
+    /// Per shard (in `Frontend::shards` order), one pool per node (index 0 the primary).
+    pools: Vec<Vec<Arc<Pool>>>,
     server: Option<PooledConn>,
-    /// The node the held server connection belongs to.
+    /// The shard and node the held server connection belongs to.
+    server_shard: usize,
     server_node: usize,
+    /// The shard the next borrowed connection comes from (routing sets it before a
+    /// transaction starts; the default shard otherwise).
+    next_shard: usize,
     route: SessionRoute,
     /// Nodes that failed during the current transaction (bit per node index).
     failed_nodes: u64,
@@ -181,7 +185,7 @@ pub struct Session<R, W> {
 
 pub struct SessionInit {
     pub fe: Arc<Frontend>,
-    pub pools: Vec<Arc<Pool>>,
+    pub pools: Vec<Vec<Arc<Pool>>>,
     pub params: SessionParams,
     pub cancel: Arc<CancelSlot>,
     pub shutdown: watch::Receiver<bool>,
@@ -197,6 +201,7 @@ where
             PoolMode::Transaction => TargetMode::Auto,
             PoolMode::Session => TargetMode::Primary,
         };
+        let default_shard = init.fe.default_shard;
         Session {
             fe: init.fe,
             rd,
@@ -204,6 +209,8 @@ where
             cbuf: leftover,
             cout: BytesMut::with_capacity(16 * 1024),
             sout: BytesMut::with_capacity(4 * 1024),
+            server_shard: default_shard,
+            next_shard: default_shard,
             pools: init.pools,
             server: None,
             server_node: PRIMARY,
@@ -407,8 +414,9 @@ where
             return Ok(());
         }
         let mut attempt = 0;
+        let shard = self.next_shard;
         let (node, conn) = loop {
-            let (node, mut conn) = self.acquire_routed(analyzed).await?;
+            let (node, mut conn) = self.acquire_routed(analyzed, shard).await?;
             match align_settings(&mut conn, &self.params).await {
                 Ok(()) => break (node, conn),
                 Err(error) if error.is_connection_failure() && attempt < CHECKOUT_RETRIES => {
@@ -424,6 +432,7 @@ where
             key: conn.backend_key,
         }));
         self.server = Some(conn);
+        self.server_shard = shard;
         self.server_node = node;
         self.hold_wrote = false;
         self.replay = (node != PRIMARY).then(Vec::new);
@@ -435,16 +444,18 @@ where
     async fn acquire_routed(
         &mut self,
         analyzed: Option<&Analyzed>,
+        shard: usize,
     ) -> Result<(usize, PooledConn), SessionError> {
         let analyzed = analyzed.unwrap_or(&UNANALYZED);
+        let pools = &self.pools[shard];
         loop {
-            let fresh = self.fe.fresh.load();
+            let fresh = self.fe.shards[shard].fresh.load();
             // On the stack: no allocation per transaction. Nodes past 16 count as idle.
             let mut load = [0usize; 16];
-            for (slot, pool) in load.iter_mut().zip(&self.pools) {
+            for (slot, pool) in load.iter_mut().zip(pools) {
                 *slot = pool.outstanding();
             }
-            let load = &load[..self.pools.len().min(16)];
+            let load = &load[..pools.len().min(16)];
             let tiebreak = self
                 .fe
                 .route_counter
@@ -464,8 +475,8 @@ where
                     "read routed to the primary"
                 );
             }
-            let node = decision.node.min(self.pools.len() - 1);
-            match self.pools[node].acquire().await {
+            let node = decision.node.min(pools.len() - 1);
+            match pools[node].acquire().await {
                 Ok(conn) => return Ok((node, conn)),
                 Err(error) if node != PRIMARY => {
                     tracing::warn!(%error, node, "replica unavailable; routing again");
@@ -525,6 +536,7 @@ where
         self.cancel.set(None);
         self.replay = None;
         self.failed_nodes = 0;
+        self.next_shard = self.fe.default_shard;
         if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
             // The transaction's commit is behind us (the server said idle): any primary
             // position the monitor observes from now on includes it. No round trip.
