@@ -35,26 +35,37 @@ thread_local! {
 const SHARDS: usize = 8;
 
 pub struct AnalysisCache {
-    shards: Vec<Mutex<Generations>>,
+    analyses: ShapeCache<Analyzed>,
+}
+
+/// A bounded map from statement shape (the text with literals blanked) to what was
+/// computed from the first text of that shape: the analysis, or a shard plan.
+pub struct ShapeCache<V> {
+    shards: Vec<Mutex<Generations<V>>>,
     hasher: RandomState,
     /// Entries per generation per shard.
     half: usize,
 }
 
-#[derive(Default)]
-struct Generations {
-    young: HashMap<Box<str>, Analyzed>,
-    old: HashMap<Box<str>, Analyzed>,
+struct Generations<V> {
+    young: HashMap<Box<str>, V>,
+    old: HashMap<Box<str>, V>,
+}
+
+impl<V> Default for Generations<V> {
+    fn default() -> Self {
+        Generations {
+            young: HashMap::new(),
+            old: HashMap::new(),
+        }
+    }
 }
 
 impl AnalysisCache {
     /// A cache holding at most about `capacity` statement texts.
     pub fn new(capacity: usize) -> Self {
-        let per_shard = capacity.div_ceil(SHARDS).max(2);
         AnalysisCache {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
-            half: per_shard / 2,
+            analyses: ShapeCache::new(capacity),
         }
     }
 
@@ -68,8 +79,36 @@ impl AnalysisCache {
                 parsed: true,
             };
         }
+        self.analyses.get_or_compute(sql, analyze)
+    }
+
+    /// Texts currently cached (both generations).
+    pub fn len(&self) -> usize {
+        self.analyses.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<V: Clone> ShapeCache<V> {
+    /// A cache holding at most about `capacity` statement shapes.
+    pub fn new(capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(2);
+        ShapeCache {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            half: per_shard / 2,
+        }
+    }
+
+    /// The value for `sql`'s shape, from the cache or computed now from `sql`
+    /// (outside the lock). Texts the blanking cannot treat safely are keyed by their
+    /// full text; very long ones are computed every time.
+    pub fn get_or_compute(&self, sql: &str, compute: impl FnOnce(&str) -> V) -> V {
         if sql.len() > MAX_KEY_LEN {
-            return analyze(sql);
+            return compute(sql);
         }
         KEY.with_borrow_mut(|key| {
             if !cache_key(sql, key) {
@@ -80,25 +119,25 @@ impl AnalysisCache {
             if let Some(hit) = self.lookup(shard, key) {
                 return hit;
             }
-            let analyzed = analyze(sql);
+            let value = compute(sql);
             let mut gens = shard.lock().unwrap_or_else(|e| e.into_inner());
-            gens.insert(key.as_str().into(), analyzed, self.half);
-            analyzed
+            gens.insert(key.as_str().into(), value.clone(), self.half);
+            value
         })
     }
 
-    fn lookup(&self, shard: &Mutex<Generations>, sql: &str) -> Option<Analyzed> {
+    fn lookup(&self, shard: &Mutex<Generations<V>>, sql: &str) -> Option<V> {
         // A std Mutex: held for two hash lookups, never across .await.
         let mut gens = shard.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = gens.young.get(sql) {
-            return Some(*hit);
+            return Some(hit.clone());
         }
         let (key, hit) = gens.old.remove_entry(sql)?;
-        gens.insert(key, hit, self.half);
+        gens.insert(key, hit.clone(), self.half);
         Some(hit)
     }
 
-    /// Texts currently cached (both generations).
+    /// Shapes currently cached (both generations).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -119,7 +158,7 @@ impl AnalysisCache {
 /// `standard_conforming_strings = off` let it hide a quote's end), `$` quoting, or an
 /// unterminated quote or comment. Comments and quoted identifiers are kept verbatim,
 /// so hints stay part of the key.
-fn cache_key(sql: &str, out: &mut String) -> bool {
+pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
     out.clear();
     let bytes = sql.as_bytes();
     let mut i = 0;
@@ -184,8 +223,8 @@ fn cache_key(sql: &str, out: &mut String) -> bool {
     true
 }
 
-impl Generations {
-    fn insert(&mut self, key: Box<str>, value: Analyzed, half: usize) {
+impl<V> Generations<V> {
+    fn insert(&mut self, key: Box<str>, value: V, half: usize) {
         if self.young.len() >= half {
             self.old = std::mem::take(&mut self.young);
         }
@@ -281,8 +320,9 @@ mod tests {
             cache.get_or_analyze(&format!("SELECT 1 FROM t{i}"));
             assert!(cache.len() <= 64 + SHARDS, "len {}", cache.len());
         }
-        let shard = &cache.shards[cache.hasher.hash_one("SELECT ? FROM hot") as usize % SHARDS];
-        assert!(cache.lookup(shard, "SELECT ? FROM hot").is_some());
+        let inner = &cache.analyses;
+        let shard = &inner.shards[inner.hasher.hash_one("SELECT ? FROM hot") as usize % SHARDS];
+        assert!(inner.lookup(shard, "SELECT ? FROM hot").is_some());
     }
 }
 
