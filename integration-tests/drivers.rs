@@ -1,5 +1,5 @@
-//! Real drivers (node-postgres, pgjdbc, psycopg2, sqlx) run through the proxy and, as a
-//! control, directly against the primary.
+//! Real drivers (node-postgres, pgjdbc, psycopg2, asyncpg, psycopg 3, sqlx) run through
+//! the proxy and, as a control, directly against the primary.
 //!
 //! Each driver program lives in `integration-tests/drivers/<driver>/`, asserts its own
 //! results and exits non-zero with `FAIL <step>: <message>` lines when something is
@@ -8,8 +8,8 @@
 //! through a proxy with a small pool, so server connections are shared between clients.
 //!
 //! When a driver's runtime is missing (node or its npm packages, java or the pgjdbc jar,
-//! psycopg2, the sqlx build), the test prints a SKIPPED line and passes, unless
-//! `SHARDGATE_DRIVERS_REQUIRED=1` (CI sets it), in which case it fails.
+//! psycopg2, asyncpg, psycopg 3, the sqlx build), the test prints a SKIPPED line and
+//! passes, unless `SHARDGATE_DRIVERS_REQUIRED=1` (CI sets it), in which case it fails.
 //! `integration-tests/drivers/setup.sh` installs and builds everything.
 //!
 //! Overrides: `SHARDGATE_PYTHON` (default `python3`), `SHARDGATE_PGJDBC_JAR` (default
@@ -147,20 +147,44 @@ fn python() -> String {
 }
 
 fn prepare_python() -> Result<Program, String> {
-    let python = python();
-    run_setup(Command::new(&python).args([
-        "-c",
+    python_program(
+        "psycopg2_driver.py",
         "import psycopg2; assert psycopg2.__version__.startswith('2.9'), psycopg2.__version__",
-    ]))
-    .map_err(|e| {
-        format!("psycopg2 2.9 not importable by {python} (pip install psycopg2-binary): {e}")
-    })?;
+        "'psycopg2-binary>=2.9,<2.10'",
+    )
+}
+
+/// A python program in `python/` whose driver `check` (python source) finds importable.
+fn python_program(script: &str, check: &str, install: &str) -> Result<Program, String> {
+    let python = python();
+    run_setup(Command::new(&python).args(["-c", check]))
+        .map_err(|e| format!("not importable by {python} (pip install {install}): {e}"))?;
     Ok(Program {
         program: python.into(),
-        args: vec!["psycopg2_driver.py".into()],
+        args: vec![script.into()],
         cwd: drivers_dir().join("python"),
         _build_dir: None,
     })
+}
+
+fn prepare_asyncpg() -> Result<Program, String> {
+    python_program(
+        "asyncpg_driver.py",
+        "import asyncpg; v = tuple(int(p) for p in asyncpg.__version__.split('.')[:2]); \
+         assert v >= (0, 29), asyncpg.__version__",
+        "'asyncpg>=0.29'",
+    )
+}
+
+/// psycopg 3 with its binary (C) implementation; psycopg_pool is used when importable.
+fn prepare_psycopg3() -> Result<Program, String> {
+    python_program(
+        "psycopg3_driver.py",
+        "import psycopg; v = tuple(int(p) for p in psycopg.__version__.split('.')[:2]); \
+         assert (3, 1) <= v < (4, 0), psycopg.__version__; \
+         assert psycopg.pq.__impl__ in ('binary', 'c'), psycopg.pq.__impl__",
+        "'psycopg[binary]>=3.1' psycopg-pool",
+    )
 }
 
 /// Builds the separate sqlx project (its own lock file, its own target dir under the
@@ -351,6 +375,16 @@ async fn pgjdbc_prepared_batch_fetch_copy_readonly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg2_named_cursors_copy_transactions() {
     drive("psycopg2", prepare_python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_pool_copy_records_reprepare_listen() {
+    drive("asyncpg", prepare_asyncpg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_prepared_pipeline_copy_readonly_pool() {
+    drive("psycopg3", prepare_psycopg3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,8 @@
 # Installs and builds what the driver suite (integration-tests/drivers.rs) runs:
 #   - pgjdbc 42.5 from Debian (libpostgresql-jdbc-java, /usr/share/java/postgresql.jar);
 #     java and javac (17) are expected on the machine; the test compiles DriverTest.java
-#   - psycopg2 2.9 for the `python3` on PATH (or $SHARDGATE_PYTHON), from PyPI
+#   - psycopg2 2.9, asyncpg (0.29+), psycopg 3 (3.1+, binary wheel) and psycopg-pool for
+#     the `python3` on PATH (or $SHARDGATE_PYTHON), from PyPI
 #   - node-postgres and friends: `npm ci` in node/ (node and npm expected on the machine)
 #   - the separate sqlx project in sqlx/, built into <repo>/target/drivers-sqlx
 # Idempotent: each step is skipped when its result is already there.
@@ -30,6 +31,16 @@ done
 if ! "$python" -c 'import psycopg2; assert psycopg2.__version__.startswith("2.9")' 2>/dev/null; then
   step "installing psycopg2-binary 2.9 for $("$python" -c 'import sys; print(sys.executable)')"
   "$python" -m pip install --quiet --disable-pip-version-check 'psycopg2-binary>=2.9,<2.10'
+fi
+
+if ! "$python" -c 'import asyncpg; assert tuple(int(p) for p in asyncpg.__version__.split(".")[:2]) >= (0, 29)' 2>/dev/null; then
+  step "installing asyncpg for $("$python" -c 'import sys; print(sys.executable)')"
+  "$python" -m pip install --quiet --disable-pip-version-check 'asyncpg>=0.29,<1'
+fi
+
+if ! "$python" -c 'import psycopg, psycopg_pool; assert (3, 1) <= tuple(int(p) for p in psycopg.__version__.split(".")[:2]) < (4, 0); assert psycopg.pq.__impl__ in ("binary", "c")' 2>/dev/null; then
+  step "installing psycopg 3 (binary) and psycopg-pool for $("$python" -c 'import sys; print(sys.executable)')"
+  "$python" -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1,<4' 'psycopg-pool>=3.1,<4'
 fi
 
 # npm ci wipes node_modules: run it only when the lock file changed since the last one.
