@@ -8,10 +8,10 @@
 
 use serde_saphyr::Spanned;
 
+use super::hash::KeyType;
 use super::raw::{RawEntry, RawKeyspace, Text};
 use super::time::{format_timestamp, parse_timestamp};
 use super::yaml::{line_of, Issue};
-use super::hash::KeyType;
 use super::Keyspace;
 
 /// Resolves a `shard:` reference to a known shard name, or says why it cannot.
@@ -99,7 +99,8 @@ fn hash(ctx: &str, raw: &RawKeyspace, shard: ShardLookup) -> Result<Keyspace, Is
         Some((_, "text" | "varchar")) => KeyType::Text,
         Some((_, "uuid")) => KeyType::Uuid,
         Some((t, other)) => {
-            let msg = format!("{ctx}.key_type: unknown key type \"{other}\", expected int, text or uuid");
+            let msg =
+                format!("{ctx}.key_type: unknown key type \"{other}\", expected int, text or uuid");
             return Err(Issue::at(t, msg));
         }
     };

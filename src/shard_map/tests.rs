@@ -480,5 +480,8 @@ fn hash_keyspaces_name_their_key_type() {
     assert_eq!(key_type("    key_type: text\n"), Ok(KeyType::Text));
     assert_eq!(key_type("    key_type: uuid\n"), Ok(KeyType::Uuid));
     let err = key_type("    key_type: float\n").unwrap_err();
-    assert!(err.contains("k.yaml:9") && err.contains("unknown key type \"float\""), "{err}");
+    assert!(
+        err.contains("k.yaml:9") && err.contains("unknown key type \"float\""),
+        "{err}"
+    );
 }
