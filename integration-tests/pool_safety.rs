@@ -736,3 +736,66 @@ async fn a_copy_streamed_without_waiting_leaves_the_session_in_step() {
         .get(0);
     assert_eq!(n, 101);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_a_flushed_describe_on_a_replica_goes_to_the_primary() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let table = unique_name("flush_then_write");
+    proxy
+        .client()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int)"))
+        .await
+        .unwrap();
+    // Both replicas serve reads and have the table.
+    wait_for(
+        "replicas to have the table",
+        Duration::from_secs(20),
+        || {
+            let table = table.clone();
+            let fresh = proxy.handle.frontend.default_fresh().load_full();
+            async move {
+                if fresh.eligible_replicas().count() != cluster.replicas.len() {
+                    return false;
+                }
+                for (_, port) in &cluster.replicas {
+                    let r = superuser_client(cluster, *port, &cluster.database).await;
+                    let found = r
+                        .query_one(
+                            "SELECT count(*) FROM pg_class WHERE relname = $1",
+                            &[&table],
+                        )
+                        .await
+                        .map(|row| row.get::<_, i64>(0) == 1)
+                        .unwrap_or(false);
+                    if !found {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+    // asyncpg's copy_records_to_table: it describes the table (a read, held with
+    // Flush), then runs a write as a simple Query without a Sync in between.
+    let mut a = Raw::connect(&proxy).await;
+    a.parse("", &format!("SELECT * FROM {table} LIMIT 1"))
+        .describe(b'S', "")
+        .flush()
+        .send()
+        .await;
+    let got = a.read_until(b'T').await;
+    assert_eq!(error_code(&got), None, "{got:?}");
+    a.query(&format!("INSERT INTO {table} VALUES (1)"))
+        .send()
+        .await;
+    let got = a.read_until(b'Z').await;
+    assert_eq!(
+        error_code(&got),
+        None,
+        "the write went to a replica: {got:?}"
+    );
+    assert_eq!(count_rows(&table).await, 1);
+}

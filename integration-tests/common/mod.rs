@@ -198,3 +198,25 @@ pub fn unique_name(prefix: &str) -> String {
         rand::random::<u32>()
     )
 }
+
+/// Two shards for sharding tests, each a local primary with one streaming replica,
+/// shared by the tests of one binary (each test works in a database of its own).
+pub fn shard_clusters() -> &'static [TestCluster] {
+    static CLUSTERS: OnceLock<Vec<TestCluster>> = OnceLock::new();
+    CLUSTERS.get_or_init(|| {
+        let first = std::thread::spawn(|| start_local(1));
+        let second = start_local(1);
+        vec![first.join().expect("first shard cluster"), second]
+    })
+}
+
+/// Creates database `name`, owned by the app role, on every cluster's primary (the
+/// replicas follow).
+pub async fn create_database(clusters: &[TestCluster], name: &str) {
+    for c in clusters {
+        let su = superuser_client(c, c.primary.1, "postgres").await;
+        su.batch_execute(&format!("CREATE DATABASE {name} OWNER {}", c.app_user))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name} on port {}: {e}", c.primary.1));
+    }
+}

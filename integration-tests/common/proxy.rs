@@ -120,18 +120,36 @@ pub fn write_config(
     opts: &ProxyOptions,
     listen: &str,
 ) -> (TempDir, PathBuf) {
-    let dir = temp_dir("shardgate-proxy");
+    let map = format!(
+        "version: 1\ndatabase: {}\nshards:\n  s0: {}\ndefault_shard: s0\n",
+        cluster.database,
+        shard_entry(cluster),
+    );
+    write_config_with_map(cluster, &map, opts, listen)
+}
+
+/// `{ primary: "host:port", replicas: [...] }` for a shard map.
+pub fn shard_entry(cluster: &TestCluster) -> String {
     let (host, port) = &cluster.primary;
     let replicas: Vec<String> = cluster
         .replicas
         .iter()
         .map(|(h, p)| format!("\"{h}:{p}\""))
         .collect();
-    let map = format!(
-        "version: 1\ndatabase: {}\nshards:\n  s0: {{ primary: \"{host}:{port}\", replicas: [{}] }}\ndefault_shard: s0\n",
-        cluster.database,
+    format!(
+        "{{ primary: \"{host}:{port}\", replicas: [{}] }}",
         replicas.join(", ")
-    );
+    )
+}
+
+/// Like `write_config`, with the shard map text given (users come from `cluster`).
+pub fn write_config_with_map(
+    cluster: &TestCluster,
+    map: &str,
+    opts: &ProxyOptions,
+    listen: &str,
+) -> (TempDir, PathBuf) {
+    let dir = temp_dir("shardgate-proxy");
     let tls = match &opts.tls {
         Some((cert, key)) => format!(
             "tls: {{ cert: {}, key: {} }}\n",
@@ -163,6 +181,20 @@ pub fn write_config(
 
 pub async fn start_proxy(cluster: &TestCluster, opts: ProxyOptions) -> TestProxy {
     let (dir, path) = write_config(cluster, &opts, "127.0.0.1:0");
+    start_from(cluster, dir, path).await
+}
+
+/// A proxy in front of several clusters (one shard each), with `map` as its shard map.
+pub async fn start_proxy_with_map(
+    cluster: &TestCluster,
+    map: &str,
+    opts: ProxyOptions,
+) -> TestProxy {
+    let (dir, path) = write_config_with_map(cluster, map, &opts, "127.0.0.1:0");
+    start_from(cluster, dir, path).await
+}
+
+async fn start_from(cluster: &TestCluster, dir: TempDir, path: PathBuf) -> TestProxy {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let map = ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
     let handle = app::start(&config, &map).await.expect("proxy starts");

@@ -62,6 +62,9 @@ pub struct ServerConn {
     /// the client's coming Sync ends. Such a connection belongs to its client; it is
     /// never pooled (its ReadyForQuery status is from before the batch).
     pub unsynced: bool,
+    /// A Bind, Execute, Query or FunctionCall went to the server since the last Sync:
+    /// the open batch did more than parse and describe.
+    pub ran_since_sync: bool,
     /// The connection saw an I/O or protocol error: it is closed, never pooled.
     pub broken: bool,
     pub created: Instant,
@@ -100,6 +103,7 @@ impl ServerConn {
             txn_status: b'I',
             tainted: false,
             unsynced: false,
+            ran_since_sync: false,
             broken: false,
             created: now,
             last_used: now,

@@ -105,12 +105,23 @@ where
         Ok(true)
     }
 
-    fn push(&mut self, op: Op) {
+    pub(super) fn push_hidden(&mut self, expect: Expect) {
+        self.push(Op::Hidden(expect));
+    }
+
+    pub(super) fn push(&mut self, op: Op) {
         if let (Op::Forward(expect) | Op::Hidden(expect), Some(conn)) = (&op, self.server.as_mut())
         {
             // Sync, a simple Query and FunctionCall end an extended-protocol batch;
             // anything else opens one that only the client's Sync may close.
             conn.unsynced = !matches!(expect, Expect::Sync | Expect::Query | Expect::FunctionCall);
+            conn.ran_since_sync = match expect {
+                Expect::Sync => false,
+                Expect::Parse { .. } | Expect::Describe { .. } | Expect::Shape { .. } => {
+                    conn.ran_since_sync
+                }
+                _ => true,
+            };
         }
         self.ops.push_back(op);
     }
@@ -120,7 +131,7 @@ where
         self.push_synthetic_bytes(Bytes::from_static(bytes));
     }
 
-    fn push_synthetic_bytes(&mut self, bytes: Bytes) {
+    pub(super) fn push_synthetic_bytes(&mut self, bytes: Bytes) {
         // Answered by us: running the transaction again elsewhere would answer twice.
         self.replay = None;
         if self.ops.is_empty() {
@@ -147,7 +158,7 @@ where
         if let Some(mode) = analyzed.set_target {
             // `SET shardgate.target` is ours: answered here, never sent to a server.
             self.route.mode = mode;
-            let status = self.server.as_ref().map_or(b'I', |c| c.txn_status);
+            let status = self.client_status();
             let mut answer = bytes::BytesMut::new();
             messages::command_complete(&mut answer, "SET");
             messages::ready_for_query(&mut answer, status);
@@ -161,6 +172,9 @@ where
         } else {
             session_sql::analyze(sql)
         };
+        if self.fe.sharded() && self.route_sharded_query(sql, &analyzed).await? {
+            return Ok(());
+        }
         self.ensure_server(Some(&analyzed)).await?;
         self.note_statement(&analyzed);
         self.note_shape_changes(effects.changes_shapes);

@@ -9,7 +9,9 @@
 //! memory stays bounded per session.
 
 mod client_msgs;
+// mod fanout; (lands with the merge module)
 mod server_msgs;
+mod sharding;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -133,6 +135,10 @@ pub struct Session<R, W> {
     /// The shard and node the held server connection belongs to.
     server_shard: usize,
     server_node: usize,
+    /// Sharded maps: a `BEGIN` the proxy answered without a server, because the shard
+    /// of the transaction is known only at its first statement; it is sent (its answer
+    /// hidden) on the connection that statement borrows.
+    pending_begin: Option<(String, Analyzed)>,
     /// The shard the next borrowed connection comes from (routing sets it before a
     /// transaction starts; the default shard otherwise).
     next_shard: usize,
@@ -211,6 +217,7 @@ where
             sout: BytesMut::with_capacity(4 * 1024),
             server_shard: default_shard,
             next_shard: default_shard,
+            pending_begin: None,
             pools: init.pools,
             server: None,
             server_node: PRIMARY,
@@ -403,6 +410,9 @@ where
     /// that fails before any of the client's bytes went to it is replaced, so a server
     /// restart or a terminated backend costs the client nothing.
     async fn ensure_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
+        if self.server.is_some() && self.held_elsewhere(analyzed) {
+            self.sync_and_release().await?;
+        }
         if let Some(conn) = self.server.as_mut() {
             if self.ops.is_empty()
                 && self.sout.is_empty()
@@ -415,6 +425,9 @@ where
         }
         let mut attempt = 0;
         let shard = self.next_shard;
+        // An explicit transaction is routed by its BEGIN (primary unless READ ONLY).
+        let begin = self.pending_begin.as_ref().map(|(_, a)| *a);
+        let analyzed = begin.as_ref().or(analyzed);
         let (node, conn) = loop {
             let (node, mut conn) = self.acquire_routed(analyzed, shard).await?;
             match align_settings(&mut conn, &self.params).await {
@@ -436,6 +449,50 @@ where
         self.server_node = node;
         self.hold_wrote = false;
         self.replay = (node != PRIMARY).then(Vec::new);
+        if let Some((sql, _)) = self.pending_begin.take() {
+            messages::query(&mut self.sout, &sql);
+            self.push_hidden(Expect::Query);
+        }
+        Ok(())
+    }
+
+    /// The held connection only parsed and described statements since the client's
+    /// last Sync (a driver that prepares with Flush, then runs), and the statement now
+    /// needs another node (a write after a read's Describe on a replica) or another
+    /// shard: that connection can be let go instead of refusing or misrouting.
+    fn held_elsewhere(&self, analyzed: Option<&Analyzed>) -> bool {
+        let Some(conn) = self.server.as_ref() else {
+            return false;
+        };
+        let only_prepared = self.ops.is_empty()
+            && self.sout.is_empty()
+            && conn.rbuf.is_empty()
+            && !conn.ran_since_sync
+            && conn.txn_status == b'I'
+            && self.pending.is_empty()
+            && !self.pinned;
+        let needs_primary = self.server_node != PRIMARY
+            && !analyzed.is_some_and(|a| route::is_read(a.class) && a.hint.is_none());
+        only_prepared && (needs_primary || self.next_shard != self.server_shard)
+    }
+
+    /// Ends the held connection's batch with a Sync of our own (nothing of it ran, so
+    /// nothing commits) and gives it back; the statement then borrows afresh.
+    async fn sync_and_release(&mut self) -> Result<(), SessionError> {
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut out = BytesMut::new();
+        messages::empty_msg(&mut out, crate::protocol::messages::tag::SYNC);
+        let result = async {
+            conn.wr.write_all(&out).await?;
+            conn.read_until_ready(false).await
+        }
+        .await;
+        conn.note_failure(result)?;
+        conn.unsynced = false;
+        // The unnamed statement stays the client's: re-created where it runs next.
+        self.release_server().await;
         Ok(())
     }
 

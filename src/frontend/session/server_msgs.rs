@@ -136,7 +136,9 @@ where
                     conn.txn_status = first_byte;
                 }
                 self.ops.pop_front();
-                true
+                // A hidden simple query (a deferred BEGIN) ends with a hidden
+                // ReadyForQuery; every other one is the client's.
+                !hidden
             }
             btag::COPY_IN if self.copy_ended_early > 0 => {
                 // The client already sent all its data and CopyDone/CopyFail: the
@@ -223,6 +225,7 @@ where
                 }
                 !hidden
             }
+            btag::NOTICE_RESPONSE | btag::PARAMETER_STATUS => true,
             _ => true,
         }
     }
