@@ -4,3 +4,4 @@
 pub mod analyze;
 pub mod cache;
 pub mod route;
+pub mod shard_plan;
