@@ -19,6 +19,7 @@ pub mod control;
 pub mod demo;
 pub mod frontend;
 pub mod local_cluster;
+pub mod merge;
 pub mod protocol;
 pub mod routing;
 pub mod shard_map;
