@@ -20,6 +20,19 @@
 //! per leg is held. An unsorted merge holds only what arrived since the last drain.
 //! An aggregate holds one entry per group and no rows.
 //!
+//! Where the answer can differ from one server's (the caller should route such
+//! queries elsewhere or refuse them):
+//! - text columns sort by bytes: the server's order only under the `C`/`C.UTF-8`
+//!   collation; dates and times must be printed in `DateStyle = ISO`; other types
+//!   without a decoder here (interval, inet, arrays, ...) sort by their bytes;
+//! - GROUP BY keys group by their bytes, so `1.0` and `1.00` from two shards are two
+//!   groups; sum/avg support integer, numeric and float columns only;
+//! - float sums add in another order than one server would (last-bit differences),
+//!   and float text keeps Rust's choice on exact ties of the shortest digits
+//!   (PostgreSQL's Ryu picks the even digit or one more digit there);
+//! - HAVING, DISTINCT and `count(DISTINCT ...)` cannot be merged from partials, and a
+//!   LIMIT must not be pushed down to the shards of an aggregate query.
+//!
 //! Crates: frames are decoded with the protocol layer's helpers and written with its
 //! `messages::put_msg` (the builders every other part of the proxy uses); binary
 //! int/float/date/timestamp values are read and written with `postgres-protocol`'s
@@ -32,10 +45,10 @@
 mod aggregate;
 mod datetime;
 mod numeric;
+mod stream;
 mod value;
 mod wire;
 
-use std::cmp::Ordering;
 use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -44,6 +57,11 @@ use crate::protocol::messages::{self, btag};
 use aggregate::Aggregator;
 use value::Value;
 use wire::{ColumnType, CommandTag, DataRow};
+
+/// A sort column at or past this value means hidden column `column - HIDDEN_SORT_COLUMN`
+/// (index `columns - hidden_columns + k`), for sort keys appended after a `*` whose
+/// width is known only from the RowDescription.
+pub const HIDDEN_SORT_COLUMN: usize = 1 << 30;
 
 /// Suggested per-leg bound on buffered rows for callers (see the module header).
 pub const DEFAULT_LEG_BUFFER_ROWS: usize = 1024;
@@ -301,7 +319,9 @@ impl Merger {
             .ok_or(MergeError::NoSuchLeg { leg, legs })?;
         let tag =
             wire::check_frame(frame).map_err(|reason| MergeError::Malformed { leg, reason })?;
-        if l.complete {
+        // An error after a leg's CommandComplete (its connection failed before
+        // ReadyForQuery) still fails the statement; anything else is a protocol breach.
+        if l.complete && tag != btag::ERROR_RESPONSE {
             let reason = "the leg already sent CommandComplete";
             return Err(MergeError::Unexpected { leg, tag, reason });
         }
@@ -378,6 +398,12 @@ impl Merger {
                 self.plan.hidden_columns
             )));
         }
+        let first_hidden = n - self.plan.hidden_columns;
+        for key in &mut self.plan.sort {
+            if key.column >= HIDDEN_SORT_COLUMN {
+                key.column = first_hidden + (key.column - HIDDEN_SORT_COLUMN);
+            }
+        }
         if let Some(key) = self.plan.sort.iter().find(|k| k.column >= n) {
             return Err(MergeError::Plan(format!(
                 "ORDER BY column {} but the result has {n} columns",
@@ -434,7 +460,7 @@ impl Merger {
                 .add(&data)
                 .map_err(|reason| MergeError::BadValue { leg, reason });
         }
-        let keys = sort_keys(&self.plan.sort, columns, &data);
+        let keys = stream::sort_keys(&self.plan.sort, columns, &data);
         self.legs[leg].rows.push_back(Row { data, keys });
         Ok(())
     }
@@ -454,132 +480,6 @@ impl Merger {
         self.legs[leg].complete = true;
         Ok(())
     }
-
-    /// Applies OFFSET and LIMIT to the merged stream and writes what passes.
-    fn emit(&mut self, row: &DataRow, out: &mut BytesMut) {
-        if self.skipped < self.plan.offset {
-            self.skipped += 1;
-        } else if !self.limit_reached() {
-            row.put_visible(out);
-            self.sent += 1;
-        }
-    }
-
-    fn drain_unsorted(&mut self, out: &mut BytesMut) {
-        for leg in 0..self.legs.len() {
-            while !self.limit_reached() {
-                let Some(row) = self.legs[leg].rows.pop_front() else {
-                    break;
-                };
-                self.emit(&row.data, out);
-            }
-        }
-    }
-
-    /// Streaming k-way merge: emits the smallest head row while every unfinished leg
-    /// has one (ties go to the lower leg, so equal keys keep leg order). A linear scan
-    /// over the legs per row: shard counts are small.
-    fn drain_sorted(&mut self, out: &mut BytesMut) {
-        while !self.limit_reached() {
-            let mut best: Option<usize> = None;
-            for (i, leg) in self.legs.iter().enumerate() {
-                match leg.rows.front() {
-                    None if !leg.complete => return,
-                    None => {}
-                    Some(row) => {
-                        let better = best.is_none_or(|b| {
-                            let head = self.legs[b].rows.front();
-                            head.is_none_or(|h| compare_rows(&self.plan.sort, row, h).is_lt())
-                        });
-                        if better {
-                            best = Some(i);
-                        }
-                    }
-                }
-            }
-            let Some(row) = best.and_then(|b| self.legs[b].rows.pop_front()) else {
-                return;
-            };
-            self.emit(&row.data, out);
-        }
-    }
-
-    /// Once every leg finished: the groups become rows, sorted if asked, then pass
-    /// through OFFSET/LIMIT. A result out of its type's range fails the statement
-    /// with SQLSTATE 22003, as the server would.
-    fn drain_aggregate(&mut self, out: &mut BytesMut) {
-        if !self.legs.iter().all(|l| l.complete) {
-            return;
-        }
-        let Some(aggregator) = self.aggregator.take() else {
-            return;
-        };
-        let columns = self.columns.clone().unwrap_or_default();
-        let fields = match aggregator.finish() {
-            Ok(fields) => fields,
-            Err(value::OutOfRange(message)) => {
-                messages::error_fields(out, btag::ERROR_RESPONSE, "ERROR", "22003", message);
-                self.finish();
-                return;
-            }
-        };
-        let mut rows: Vec<Row> = Vec::with_capacity(fields.len());
-        for row in fields {
-            let mut frame = BytesMut::new();
-            wire::put_data_row(&mut frame, &row);
-            // Our own encoding of the right shape: decoding cannot fail.
-            let Ok(data) =
-                wire::decode_data_row(frame.freeze(), columns.len(), self.plan.hidden_columns)
-            else {
-                continue;
-            };
-            let keys = sort_keys(&self.plan.sort, &columns, &data);
-            rows.push(Row { data, keys });
-        }
-        // Stable: equal keys keep first-seen group order.
-        rows.sort_by(|a, b| compare_rows(&self.plan.sort, a, b));
-        for row in rows {
-            if self.limit_reached() {
-                break;
-            }
-            self.emit(&row.data, out);
-        }
-    }
-}
-
-fn sort_keys(sort: &[SortKey], columns: &[ColumnType], row: &DataRow) -> Vec<Option<Value>> {
-    sort.iter()
-        .map(|key| {
-            let ty = columns
-                .get(key.column)
-                .copied()
-                .unwrap_or(ColumnType::UNKNOWN);
-            row.field(key.column).map(|raw| Value::parse(ty, raw))
-        })
-        .collect()
-}
-
-/// ORDER BY semantics: NULL placement is absolute (NULLS FIRST puts them first for
-/// DESC too); only the comparison of two values is reversed by DESC.
-fn compare_rows(sort: &[SortKey], a: &Row, b: &Row) -> Ordering {
-    for (i, key) in sort.iter().enumerate() {
-        let order = match (
-            a.keys.get(i).and_then(Option::as_ref),
-            b.keys.get(i).and_then(Option::as_ref),
-        ) {
-            (None, None) => Ordering::Equal,
-            (None, Some(_)) if key.nulls_first => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some(_), None) if key.nulls_first => Ordering::Greater,
-            (Some(_), None) => Ordering::Less,
-            (Some(x), Some(y)) if key.descending => value::compare(y, x),
-            (Some(x), Some(y)) => value::compare(x, y),
-        };
-        if order.is_ne() {
-            return order;
-        }
-    }
-    Ordering::Equal
 }
 
 fn describe_difference(known: &[ColumnType], got: &[ColumnType]) -> String {

@@ -1080,3 +1080,31 @@ fn division_of_very_fine_numerics_is_clamped_to_the_servers_limit() {
     let n = numeric::Numeric::parse_text(format!("0.{}6", "0".repeat(999)).as_bytes()).unwrap();
     assert_eq!(n.div_count(2).to_text(), format!("0.{}3", "0".repeat(999)));
 }
+
+#[test]
+fn sort_keys_can_name_hidden_columns_relative_to_the_first_hidden_one() {
+    // SELECT * ... ORDER BY x where x is appended as a hidden column: the caller does
+    // not know how wide `*` is, so it names the key as hidden column 0.
+    let plan = MergePlan {
+        hidden_columns: 1,
+        ..sorted(HIDDEN_SORT_COLUMN, false, false)
+    };
+    let msgs = run(
+        plan,
+        &[oid::TEXT, oid::TEXT, oid::INT4],
+        &[&[&["a", "x", "9"]], &[&["b", "y", "10"]]],
+    );
+    assert_eq!(msgs[0], Out::Description(2));
+    assert_eq!(firsts(&msgs), ["a", "b"]);
+}
+
+#[test]
+fn an_error_after_a_legs_command_complete_still_fails_the_statement() {
+    let mut m = Merger::new(MergePlan::default(), 2);
+    m.push(0, &text_columns(&[oid::INT4])).unwrap();
+    m.push(0, &complete("SELECT 0")).unwrap();
+    m.push(0, &error("08006")).unwrap();
+    m.push(1, &text_columns(&[oid::INT4])).unwrap();
+    assert_eq!(drain(&mut m), [Out::Error("08006".into())]);
+    assert!(m.finished());
+}
