@@ -1108,3 +1108,41 @@ fn an_error_after_a_legs_command_complete_still_fails_the_statement() {
     assert_eq!(drain(&mut m), [Out::Error("08006".into())]);
     assert!(m.finished());
 }
+
+#[test]
+fn numeric_binary_matches_numeric_send() {
+    // SELECT encode(numeric_send(v::numeric), 'hex') on PostgreSQL 15.
+    let cases = [
+        ("0", "0000000000000000"),
+        ("0.00", "0000000000000002"),
+        ("-0.000123", "0002ffff40000006000108fc"),
+        ("10000", "00010001000000000001"),
+        (
+            "123456789.987654321",
+            "0006000200000009000109291a852694153803e8",
+        ),
+        ("99990000", "0001000100000000270f"),
+        ("0.0001", "0001ffff000000040001"),
+        ("NaN", "00000000c0000000"),
+    ];
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let unhex = |s: &str| {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    for (text, sent) in cases {
+        let mut b = BytesMut::new();
+        numeric::Numeric::parse_text(text.as_bytes())
+            .unwrap()
+            .encode_binary(&mut b)
+            .unwrap();
+        assert_eq!(hex(&b), sent, "{text}");
+        let back = numeric::Numeric::decode_binary(&unhex(sent)).unwrap();
+        assert_eq!(back.to_text(), text);
+    }
+    // The server fills the display-scale bits of infinities; they are ignored.
+    let inf = numeric::Numeric::decode_binary(&unhex("00000000d0000020")).unwrap();
+    assert_eq!(inf.to_text(), "Infinity");
+}
