@@ -21,7 +21,7 @@ use crate::frontend::{
     BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode, ShardRuntime,
 };
 use crate::protocol::scram::ScramSecret;
-use crate::routing::cache::AnalysisCache;
+use crate::routing::cache::{AnalysisCache, ShapeCache};
 use crate::shard_map::{NodeAddr, ShardMap, ShardSpec};
 use crate::topology::SharedFreshness;
 
@@ -155,6 +155,7 @@ pub fn build_frontend(
         shards,
         map: Arc::new(map.clone()),
         analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
+        shard_plans: ShapeCache::new(ANALYSIS_CACHE_SIZE),
         route_counter: Default::default(),
         pinned_sessions: Default::default(),
         route_stats: Default::default(),

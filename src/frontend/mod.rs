@@ -71,6 +71,9 @@ pub struct Frontend {
     pub map: std::sync::Arc<crate::shard_map::ShardMap>,
     /// Simple-query analysis by statement text.
     pub analysis: AnalysisCache,
+    /// Sharded maps: where each statement shape's keys are (`routing::shard_plan`).
+    pub shard_plans:
+        crate::routing::cache::ShapeCache<std::sync::Arc<crate::routing::shard_plan::ShardPlan>>,
     /// Rotates ties between equally loaded replicas.
     pub route_counter: AtomicUsize,
     /// Clients holding their server connection between transactions because they

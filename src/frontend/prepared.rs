@@ -45,6 +45,8 @@ pub struct PreparedStatement {
     stale: AtomicBool,
     /// The registry epoch it was registered in.
     epoch: u64,
+    /// Sharded maps: where the statement's keys are, planned on first use.
+    shard_plan: OnceLock<Arc<crate::routing::shard_plan::ShardPlan>>,
 }
 
 impl PreparedStatement {
@@ -59,6 +61,12 @@ impl PreparedStatement {
 
     pub fn is_stale(&self) -> bool {
         self.stale.load(Ordering::Relaxed)
+    }
+
+    /// The statement's shard plan (sharded maps only), made once.
+    pub fn shard_plan(&self) -> &Arc<crate::routing::shard_plan::ShardPlan> {
+        self.shard_plan
+            .get_or_init(|| Arc::new(crate::routing::shard_plan::plan(&self.query)))
     }
 
     pub fn is_validated(&self) -> bool {
@@ -121,6 +129,7 @@ impl StatementRegistry {
             shape: OnceLock::new(),
             stale: AtomicBool::new(false),
             epoch,
+            shard_plan: OnceLock::new(),
         });
         reg.by_text.entry(hash).or_default().push(stmt.clone());
         stmt

@@ -104,6 +104,50 @@ pub fn decode_bind(frame: &Frame) -> Result<BindHead<'_>, ProtocolError> {
     })
 }
 
+/// A Bind's parameters: per parameter its format code (Bind's 0/1/N rule expanded)
+/// and its value (`None` = NULL).
+pub struct BindParams<'a> {
+    pub formats: Vec<i16>,
+    pub values: Vec<Option<&'a [u8]>>,
+}
+
+/// Reads the parameter part of a Bind (`BindHead::rest`).
+pub fn decode_bind_params(rest: &[u8]) -> Result<BindParams<'_>, ProtocolError> {
+    let malformed = || ProtocolError::Malformed("Bind parameters");
+    let mut body = rest;
+    let mut take = |n: usize| -> Result<&[u8], ProtocolError> {
+        if body.len() < n {
+            return Err(malformed());
+        }
+        let (head, tail) = body.split_at(n);
+        body = tail;
+        Ok(head)
+    };
+    let i16_at = |b: &[u8]| i16::from_be_bytes([b[0], b[1]]);
+    let nformats = usize::try_from(i16_at(take(2)?)).map_err(|_| malformed())?;
+    let mut codes = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
+        codes.push(i16_at(take(2)?));
+    }
+    let nparams = usize::try_from(i16_at(take(2)?)).map_err(|_| malformed())?;
+    let mut values = Vec::with_capacity(nparams);
+    for _ in 0..nparams {
+        let len = take(4)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        values.push(match usize::try_from(len) {
+            Ok(n) => Some(take(n)?),
+            Err(_) => None,
+        });
+    }
+    let formats = match codes.as_slice() {
+        [] => vec![0; nparams],
+        [one] => vec![*one; nparams],
+        many if many.len() == nparams => many.to_vec(),
+        _ => return Err(malformed()),
+    };
+    Ok(BindParams { formats, values })
+}
+
 /// Describe and Close share a shape: a kind byte ('S' statement, 'P' portal) and a name.
 pub fn decode_target(frame: &Frame) -> Result<(u8, &str), ProtocolError> {
     let (&kind, mut rest) = frame

@@ -15,9 +15,9 @@ use crate::protocol::{decode_frame, Frame, ProtocolError};
 use crate::routing::analyze::StatementClass;
 
 const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
-const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
+pub(super) const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
 const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
-const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
+pub(super) const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
 const NO_DATA: &[u8] = &[btag::NO_DATA, 0, 0, 0, 4];
 const NO_PARAMETERS: &[u8] = &[btag::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0];
 
@@ -63,6 +63,9 @@ where
 
     /// Handles one client frame; `false` means it must wait for a shape check.
     async fn on_client_frame(&mut self, frame: &Frame) -> Result<bool, SessionError> {
+        if self.batch.is_some() && self.on_batch_frame(frame).await? {
+            return Ok(true);
+        }
         {
             match frame.tag {
                 tag::QUERY => self.on_query(frame).await?,
@@ -127,7 +130,7 @@ where
     }
 
     /// Queues an answer the proxy gives itself, after everything already owed.
-    fn push_synthetic(&mut self, bytes: &'static [u8]) {
+    pub(super) fn push_synthetic(&mut self, bytes: &'static [u8]) {
         self.push_synthetic_bytes(Bytes::from_static(bytes));
     }
 
@@ -378,6 +381,11 @@ where
         {
             // The portal name now means another statement, which the server runs.
             self.target_portal = None;
+        }
+        if let (true, Some(stmt)) = (self.fe.sharded(), &stmt) {
+            if !self.route_sharded_bind(stmt, &bind).await? {
+                return Ok(true);
+            }
         }
         self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
             .await?;

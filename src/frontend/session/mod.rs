@@ -9,7 +9,7 @@
 //! memory stays bounded per session.
 
 mod client_msgs;
-// mod fanout; (lands with the merge module)
+mod fanout;
 mod server_msgs;
 mod sharding;
 
@@ -101,6 +101,24 @@ enum Op {
     Synthetic(Bytes),
 }
 
+/// An extended-protocol batch collected to run on several shards at its Sync.
+#[derive(Clone)]
+pub(super) struct ExtendedFanOut {
+    shards: Vec<usize>,
+    /// Reads: how results merge. Writes: None.
+    merge: Option<crate::merge::MergePlan>,
+    /// The text the shards run (rewritten for merging when needed).
+    text: String,
+    param_types: Vec<u32>,
+    /// The client's Bind after its portal and statement names.
+    bind_rest: Bytes,
+    portal: String,
+    describe: bool,
+    execute: bool,
+    close: bool,
+    done: bool,
+}
+
 /// A shape check the client's frames wait for: the statement re-created on the held
 /// connection must describe the shape clients were given.
 struct Gate {
@@ -135,6 +153,9 @@ pub struct Session<R, W> {
     /// The shard and node the held server connection belongs to.
     server_shard: usize,
     server_node: usize,
+    /// Sharded maps: an extended-protocol statement for several shards, collected
+    /// until the client's Sync.
+    batch: Option<ExtendedFanOut>,
     /// Sharded maps: a `BEGIN` the proxy answered without a server, because the shard
     /// of the transaction is known only at its first statement; it is sent (its answer
     /// hidden) on the connection that statement borrows.
@@ -218,6 +239,7 @@ where
             server_shard: default_shard,
             next_shard: default_shard,
             pending_begin: None,
+            batch: None,
             pools: init.pools,
             server: None,
             server_node: PRIMARY,

@@ -4,12 +4,27 @@
 //! transaction, cross-shard statements to the fan-out executor (`fanout.rs`), and
 //! refusals as real errors. Unsharded maps never come here.
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::fanout::Leg;
 use super::{Expect, Op, Session, SessionError};
+use crate::merge::{AggregatePlan, MergePlan};
 use crate::protocol::messages::{self, btag};
 use crate::routing::analyze::{Analyzed, StatementClass};
+use crate::routing::shard_plan::{
+    self, ColumnSource, MergeShape, OutputColumn, ShardPlan, Target, Values,
+};
+
+/// Where a statement runs, as the session applies it.
+pub(super) enum Placement {
+    /// On one shard's connection, through the byte-for-byte forwarder.
+    One(usize),
+    /// Answered here already (refused, or run across shards).
+    Answered,
+}
 
 impl<R, W> Session<R, W>
 where
@@ -36,7 +51,411 @@ where
         if self.server.is_none() && self.defer_transaction_control(sql, analyzed) {
             return Ok(true);
         }
+        if matches!(
+            analyzed.class,
+            StatementClass::Begin { .. } | StatementClass::TxnControl | StatementClass::SessionSet
+        ) {
+            // Transaction control and session settings go with the session.
+            self.next_shard = self.current_shard();
+            return Ok(false);
+        }
+        let plan = self
+            .fe
+            .shard_plans
+            .get_or_compute(sql, |text| Arc::new(shard_plan::plan(text)));
+        let spans = shard_plan::literal_spans(sql).unwrap_or_default();
+        let values = Values::simple(sql, &spans);
+        let target = shard_plan::route(&plan, &self.fe.map, &values);
+        match self.place(&plan, target, sql, &values).await? {
+            Placement::One(shard) => {
+                self.next_shard = shard;
+                Ok(false)
+            }
+            Placement::Answered => Ok(true),
+        }
+    }
+
+    /// Routes a Bind of a sharded map: sets `next_shard`, or refuses (through the
+    /// server, so the batch fails there as for a server error) and returns false.
+    pub(super) async fn route_sharded_bind(
+        &mut self,
+        stmt: &crate::frontend::prepared::PreparedStatement,
+        bind: &messages::BindHead<'_>,
+    ) -> Result<bool, SessionError> {
+        if matches!(
+            stmt.analyzed.class,
+            StatementClass::Begin { .. } | StatementClass::TxnControl | StatementClass::SessionSet
+        ) {
+            self.next_shard = self.current_shard();
+            return Ok(true);
+        }
+        let params = messages::decode_bind_params(bind.rest)?;
+        let plan = stmt.shard_plan().clone();
+        let values = Values {
+            text: &stmt.query,
+            literals: &[],
+            params: &params.values,
+            param_formats: &params.formats,
+            param_types: &stmt.param_types,
+        };
+        let target = shard_plan::route(&plan, &self.fe.map, &values);
+        let one = match target {
+            Target::Default if plan.tables().next().is_none() => self.current_shard(),
+            Target::Default => self.fe.default_shard,
+            Target::AnyOne => self.current_shard(),
+            Target::Shards(shards) if shards.len() == 1 => shards[0],
+            Target::Refuse(message) => return self.refuse_extended(&message).await,
+            Target::Unknown => {
+                return self
+                    .refuse_extended("the statement could not be parsed, so the shard it belongs to is unknown")
+                    .await
+            }
+            _ if self.server.is_some() && !self.held_elsewhere(None) => {
+                return self
+                    .refuse_extended("a statement over several shards cannot run inside a transaction (a transaction stays on one shard)")
+                    .await
+            }
+            _ if self.pending_begin.is_some() => {
+                return self
+                    .refuse_extended("a statement over several shards cannot run inside a transaction (a transaction stays on one shard)")
+                    .await
+            }
+            target => return self.start_extended_fan_out(stmt, bind, &plan, &values, target).await,
+        };
+        self.next_shard = one;
+        if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
+            let message = format!(
+                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
+                self.fe.shards[self.server_shard].name, self.fe.shards[one].name
+            );
+            return self.refuse_extended(&message).await;
+        }
+        Ok(true)
+    }
+
+    /// A Bind whose statement runs on several shards: answered here, and the rest of the
+    /// client's batch (Describe, Execute, Close of the portal) is collected until Sync
+    /// or Flush, then run on every shard at once (`fanout.rs`).
+    async fn start_extended_fan_out(
+        &mut self,
+        stmt: &crate::frontend::prepared::PreparedStatement,
+        bind: &messages::BindHead<'_>,
+        plan: &ShardPlan,
+        values: &Values<'_>,
+        target: Target,
+    ) -> Result<bool, SessionError> {
+        let all = || (0..self.fe.shards.len()).collect::<Vec<_>>();
+        let (shards, write, rows) = match target {
+            Target::Shards(shards) => (shards, !plan.is_read(), None),
+            Target::All { write } => (all(), write, None),
+            Target::SplitInsert(parts) => {
+                (parts.iter().map(|(s, _)| *s).collect(), true, Some(parts))
+            }
+            _ => (all(), true, None),
+        };
+        if rows.is_some() {
+            return self
+                .refuse_extended("a multi-row INSERT over several shards needs the simple query protocol (or one statement per row)")
+                .await;
+        }
+        let (merge, text) = if write {
+            (None, stmt.query.clone())
+        } else {
+            match plan.merge() {
+                None => (Some(MergePlan::default()), stmt.query.clone()),
+                Some(Err(message)) => return self.refuse_extended(message).await,
+                Some(Ok(shape)) => {
+                    let Some(merge) = merge_plan(shape, values) else {
+                        return self.refuse_extended("LIMIT, OFFSET or ORDER BY position must be a non-negative integer here").await;
+                    };
+                    let text = if shape.rewrite {
+                        match shard_plan::shard_sql(&stmt.query) {
+                            Some(text) => text,
+                            None => {
+                                return self
+                                    .refuse_extended(
+                                        "this read cannot be rewritten for several shards",
+                                    )
+                                    .await
+                            }
+                        }
+                    } else {
+                        stmt.query.clone()
+                    };
+                    (Some(merge), text)
+                }
+            }
+        };
+        if self.server.is_some() {
+            self.sync_and_release().await?;
+        }
+        self.push_synthetic(super::client_msgs::BIND_COMPLETE);
+        self.batch = Some(super::ExtendedFanOut {
+            shards,
+            merge,
+            text,
+            param_types: stmt.param_types.clone(),
+            bind_rest: bytes::Bytes::copy_from_slice(bind.rest),
+            portal: bind.portal.to_owned(),
+            describe: false,
+            execute: false,
+            close: false,
+            done: false,
+        });
         Ok(false)
+    }
+
+    /// A client frame while an extended-protocol batch is collected for several
+    /// shards. Returns false when the frame is not part of it (the batch has been run
+    /// and the frame is processed as usual).
+    pub(super) async fn on_batch_frame(
+        &mut self,
+        frame: &crate::protocol::Frame,
+    ) -> Result<bool, SessionError> {
+        use crate::protocol::messages::tag;
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(false);
+        };
+        match frame.tag {
+            tag::DESCRIBE => {
+                let (kind, name) = messages::decode_target(frame)?;
+                if kind == b'P' && name == batch.portal {
+                    batch.describe = true;
+                    return Ok(true);
+                }
+            }
+            tag::EXECUTE => {
+                let portal = frame.body().split(|&b| b == 0).next().unwrap_or_default();
+                if portal == batch.portal.as_bytes() {
+                    batch.execute = true;
+                    return Ok(true);
+                }
+            }
+            tag::CLOSE => {
+                let (kind, name) = messages::decode_target(frame)?;
+                if kind == b'P' && name == batch.portal {
+                    batch.close = true;
+                    return Ok(true);
+                }
+            }
+            tag::FLUSH => {
+                self.run_batch().await?;
+                return Ok(true);
+            }
+            tag::SYNC => {
+                self.run_batch().await?;
+                self.batch = None;
+                self.ready_idle();
+                return Ok(true);
+            }
+            _ => {}
+        }
+        // Anything else: the batch runs now, the frame afterwards.
+        self.run_batch().await?;
+        self.batch = None;
+        Ok(false)
+    }
+
+    /// Runs the collected batch on its shards (once), answering what the client asked.
+    async fn run_batch(&mut self) -> Result<(), SessionError> {
+        let Some(batch) = self.batch.as_mut() else {
+            return Ok(());
+        };
+        if batch.done || !batch.execute {
+            return Ok(());
+        }
+        batch.done = true;
+        let batch = batch.clone();
+        let mut messages_out = BytesMut::new();
+        messages::parse(&mut messages_out, "", &batch.text, &batch.param_types);
+        messages::put_msg(
+            &mut messages_out,
+            crate::protocol::messages::tag::BIND,
+            |b| {
+                b.extend_from_slice(&[0, 0]); // portal "", statement ""
+                b.extend_from_slice(&batch.bind_rest);
+            },
+        );
+        messages::put_msg(
+            &mut messages_out,
+            crate::protocol::messages::tag::DESCRIBE,
+            |b| {
+                b.extend_from_slice(&[b'P', 0]);
+            },
+        );
+        messages::put_msg(
+            &mut messages_out,
+            crate::protocol::messages::tag::EXECUTE,
+            |b| {
+                b.extend_from_slice(&[0, 0, 0, 0, 0]);
+            },
+        );
+        messages::empty_msg(&mut messages_out, crate::protocol::messages::tag::SYNC);
+        let payload = messages_out.freeze();
+        let legs = batch
+            .shards
+            .iter()
+            .map(|&shard| Leg {
+                shard,
+                messages: payload.clone(),
+                ready: 1,
+            })
+            .collect();
+        match batch.merge {
+            Some(merge) => self.fan_out_read(legs, merge, batch.describe).await?,
+            None => self.fan_out_write_described(legs, batch.describe).await?,
+        }
+        if batch.close {
+            self.cout
+                .extend_from_slice(super::client_msgs::CLOSE_COMPLETE);
+        }
+        Ok(())
+    }
+
+    /// Refuses an extended-protocol statement: the server of the session's current
+    /// shard raises the error, so the batch (and a transaction) fails as for any server
+    /// error and the rest of the batch is skipped up to Sync.
+    async fn refuse_extended(&mut self, message: &str) -> Result<bool, SessionError> {
+        tracing::debug!(message, "statement refused");
+        self.next_shard = self.current_shard();
+        self.ensure_server(None).await?;
+        if let Some(conn) = self.server.as_mut() {
+            conn.unnamed = None;
+        }
+        messages::parse(&mut self.sout, "", &raise_sql(message), &[]);
+        self.push(Op::Hidden(Expect::Parse {
+            named: None,
+            unnamed: None,
+        }));
+        messages::put_msg(&mut self.sout, crate::protocol::messages::tag::BIND, |b| {
+            b.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        });
+        self.push(Op::Hidden(Expect::Bind { stmt: None }));
+        messages::put_msg(
+            &mut self.sout,
+            crate::protocol::messages::tag::EXECUTE,
+            |b| {
+                b.extend_from_slice(&[0, 0, 0, 0, 0]);
+            },
+        );
+        self.push(Op::Hidden(Expect::Execute));
+        Ok(false)
+    }
+
+    /// The shard the session's transaction is on (the default one between them).
+    fn current_shard(&self) -> usize {
+        if self.server.is_some() {
+            self.server_shard
+        } else {
+            self.fe.default_shard
+        }
+    }
+
+    /// Applies a routing target to a simple-protocol statement.
+    async fn place(
+        &mut self,
+        plan: &ShardPlan,
+        target: Target,
+        sql: &str,
+        values: &Values<'_>,
+    ) -> Result<Placement, SessionError> {
+        let in_transaction = self.server.is_some() || self.pending_begin.is_some();
+        let one = match target {
+            Target::Default if plan.tables().next().is_none() => self.current_shard(),
+            Target::Default => self.fe.default_shard,
+            Target::AnyOne => self.current_shard(),
+            Target::Shards(shards) if shards.len() == 1 => shards[0],
+            Target::Refuse(message) => return self.refused(&message).await,
+            Target::Unknown => {
+                let message =
+                    "the statement could not be parsed, so the shard it belongs to is unknown";
+                return self.refused(message).await;
+            }
+            _ if in_transaction => {
+                let message = "a statement over several shards cannot run inside a transaction (a transaction stays on one shard)";
+                return self.refused(message).await;
+            }
+            Target::Shards(shards) => return self.read_across(plan, shards, sql, values).await,
+            Target::All { write: false } => {
+                let all = (0..self.fe.shards.len()).collect();
+                return self.read_across(plan, all, sql, values).await;
+            }
+            Target::All { write: true } => {
+                let legs = (0..self.fe.shards.len())
+                    .map(|shard| Leg::simple(shard, sql))
+                    .collect();
+                self.fan_out_write(legs).await?;
+                self.ready_idle();
+                return Ok(Placement::Answered);
+            }
+            Target::SplitInsert(parts) => {
+                let Some(legs) = split_insert(sql, &parts) else {
+                    return self
+                        .refused("this multi-row INSERT cannot be split by shard")
+                        .await;
+                };
+                self.fan_out_write(legs).await?;
+                self.ready_idle();
+                return Ok(Placement::Answered);
+            }
+        };
+        self.next_shard = one;
+        if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
+            let message = format!(
+                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
+                self.fe.shards[self.server_shard].name, self.fe.shards[one].name
+            );
+            return self.refused(&message).await;
+        }
+        Ok(Placement::One(one))
+    }
+
+    async fn refused(&mut self, message: &str) -> Result<Placement, SessionError> {
+        self.refuse_query(message).await?;
+        Ok(Placement::Answered)
+    }
+
+    /// A read over several shards, merged.
+    async fn read_across(
+        &mut self,
+        plan: &ShardPlan,
+        shards: Vec<usize>,
+        sql: &str,
+        values: &Values<'_>,
+    ) -> Result<Placement, SessionError> {
+        let (merge, text) = match plan.merge() {
+            None => (MergePlan::default(), sql.to_owned()),
+            Some(Err(message)) => return self.refused(message).await,
+            Some(Ok(shape)) => {
+                let Some(merge) = merge_plan(shape, values) else {
+                    return self.refused("LIMIT, OFFSET or ORDER BY position must be a non-negative integer here").await;
+                };
+                let text = if shape.rewrite {
+                    match shard_plan::shard_sql(sql) {
+                        Some(text) => text,
+                        None => {
+                            return self
+                                .refused("this read cannot be rewritten for several shards")
+                                .await
+                        }
+                    }
+                } else {
+                    sql.to_owned()
+                };
+                (merge, text)
+            }
+        };
+        let legs = shards
+            .into_iter()
+            .map(|shard| Leg::simple(shard, &text))
+            .collect();
+        self.fan_out_read(legs, merge, true).await?;
+        self.ready_idle();
+        Ok(Placement::Answered)
+    }
+
+    fn ready_idle(&mut self) {
+        messages::ready_for_query(&mut self.cout, b'I');
     }
 
     /// `BEGIN` without a server: answered here, sent later on the shard of the
@@ -82,7 +501,6 @@ where
     /// Refuses a statement with SQLSTATE 0A000. Outside a transaction the proxy
     /// answers; inside one the server raises the error, so the transaction fails there
     /// exactly as it would for a server error (later statements get 25P02).
-    #[allow(dead_code)] // called by key routing, which lands with the shard planner
     pub(super) async fn refuse_query(&mut self, message: &str) -> Result<(), SessionError> {
         tracing::debug!(message, "statement refused");
         if self.server.is_none() && self.pending_begin.is_none() {
@@ -103,10 +521,91 @@ where
 }
 
 /// A statement that makes the server raise `message` with SQLSTATE 0A000.
-#[allow(dead_code)]
 fn raise_sql(message: &str) -> String {
     format!(
         "DO $shardgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}; END $shardgate$",
         crate::backend::params::quote_literal(&message.replace("$shardgate$", ""))
     )
+}
+
+/// The merger's plan for one execution of a read with merge shape `shape`.
+fn merge_plan(shape: &MergeShape, values: &Values) -> Option<MergePlan> {
+    let count = |v: &Option<shard_plan::ValueRef>| -> Option<Option<u64>> {
+        match v {
+            None => Some(None),
+            Some(v) => u64::try_from(shard_plan::value_as_i64(v, values)?)
+                .ok()
+                .map(Some),
+        }
+    };
+    let sort = shape
+        .sort
+        .iter()
+        .map(|key| {
+            let column = match &key.column {
+                ColumnSource::Index(i) => *i,
+                ColumnSource::Ordinal(v) => {
+                    usize::try_from(shard_plan::value_as_i64(v, values)?.checked_sub(1)?).ok()?
+                }
+                ColumnSource::Hidden(k) => crate::merge::HIDDEN_SORT_COLUMN + k,
+            };
+            Some(crate::merge::SortKey {
+                column,
+                descending: key.descending,
+                nulls_first: key.nulls_first,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let aggregate = shape.aggregate.as_ref().map(|columns| AggregatePlan {
+        columns: columns
+            .iter()
+            .map(|c| match c {
+                OutputColumn::GroupKey => crate::merge::OutputColumn::GroupKey,
+                OutputColumn::Count => crate::merge::OutputColumn::Count,
+                OutputColumn::Sum => crate::merge::OutputColumn::Sum,
+                OutputColumn::Min => crate::merge::OutputColumn::Min,
+                OutputColumn::Max => crate::merge::OutputColumn::Max,
+                OutputColumn::Avg { sum, count } => crate::merge::OutputColumn::Avg {
+                    sum: *sum,
+                    count: *count,
+                },
+            })
+            .collect(),
+    });
+    Some(MergePlan {
+        sort,
+        limit: count(&shape.limit)?,
+        offset: count(&shape.offset)?.unwrap_or(0),
+        aggregate,
+        hidden_columns: shape.hidden_columns,
+    })
+}
+
+/// Per shard, the INSERT with only that shard's rows of the VALUES list.
+fn split_insert(sql: &str, parts: &[(usize, Vec<usize>)]) -> Option<Vec<Leg>> {
+    use sqlparser::ast::{SetExpr, Statement};
+    let statements =
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+            .ok()?;
+    let [Statement::Insert(insert)] = statements.as_slice() else {
+        return None;
+    };
+    let source = insert.source.as_ref()?;
+    let SetExpr::Values(values) = source.body.as_ref() else {
+        return None;
+    };
+    let mut legs = Vec::with_capacity(parts.len());
+    for (shard, rows) in parts {
+        let mut part = insert.clone();
+        let mut query = source.clone();
+        let mut subset = values.clone();
+        subset.rows = rows
+            .iter()
+            .map(|&i| values.rows.get(i).cloned())
+            .collect::<Option<Vec<_>>>()?;
+        query.body = Box::new(SetExpr::Values(subset));
+        part.source = Some(query);
+        legs.push(Leg::simple(*shard, &Statement::Insert(part).to_string()));
+    }
+    Some(legs)
 }

@@ -1,0 +1,361 @@
+//! Sharding by key through the proxy, against two real shards (each a primary and a
+//! streaming replica): DDL reaches every shard, rows land where the servers' own hash
+//! SQL says they belong, point statements go to one shard, keyless reads are merged,
+//! and what cannot be done safely is refused with 0A000.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::{shard_entry, start_proxy_with_map, ProxyOptions, TestProxy};
+use common::{create_database, shard_clusters, superuser_client, unique_name, wait_for};
+use tokio_postgres::SimpleQueryMessage;
+
+/// Buckets 0-511 on s0, 512-1023 on s1 (DESIGN.md 4).
+const BUCKETS: [(u32, u32); 2] = [(0, 511), (512, 1023)];
+
+fn map(database: &str) -> String {
+    let c = shard_clusters();
+    format!(
+        "version: 1
+database: {database}
+shards:
+  s0: {}
+  s1: {}
+keyspaces:
+  users:
+    type: hash
+    buckets: 1024
+    map:
+      - {{ buckets: 0-511, shard: s0 }}
+      - {{ buckets: 512-1023, shard: s1 }}
+  months:
+    type: time
+    map:
+      - {{ until: 2026-01-01T00:00:00Z, shard: s0 }}
+      - {{ from: 2026-01-01T00:00:00Z, shard: s1 }}
+tables:
+  users: {{ column: id, keyspace: users }}
+  orders: {{ column: user_id, keyspace: users }}
+  events: {{ column: created_at, keyspace: months }}
+  countries: {{ reference: true }}
+default_shard: s0
+",
+        shard_entry(&c[0]),
+        shard_entry(&c[1])
+    )
+}
+
+/// A database of its own on both shards and a proxy routing over them.
+async fn setup() -> (TestProxy, String) {
+    let clusters = shard_clusters();
+    let db = unique_name("shdb");
+    create_database(clusters, &db).await;
+    let mut proxy = start_proxy_with_map(
+        &clusters[0],
+        &map(&db),
+        ProxyOptions {
+            pool_size: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Clients ask for the map's database by name.
+    proxy.database = db.clone();
+    (proxy, db)
+}
+
+async fn on_shard(shard: usize, db: &str) -> tokio_postgres::Client {
+    let c = &shard_clusters()[shard];
+    superuser_client(c, c.primary.1, db).await
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_reaches_every_shard_and_rows_land_where_the_servers_hash_says() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    for shard in 0..2 {
+        let s = on_shard(shard, &db).await;
+        assert_eq!(
+            count(
+                &s,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'users'"
+            )
+            .await,
+            1,
+            "shard {shard} has the table"
+        );
+    }
+    // Single-row inserts, simple protocol and extended with a bound parameter.
+    for id in -300i64..300 {
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES ({id}, 'u{id}')"
+        ))
+        .await
+        .unwrap();
+    }
+    let insert = c
+        .prepare("INSERT INTO users (id, name) VALUES ($1, $2)")
+        .await
+        .unwrap();
+    for id in 1000i64..1600 {
+        c.execute(&insert, &[&id, &format!("u{id}")]).await.unwrap();
+    }
+    // Multi-row inserts split per shard, one combined tag.
+    for chunk in 0..10i64 {
+        let values: Vec<String> = (0..100)
+            .map(|i| {
+                let id = 10_000 + chunk * 100 + i;
+                format!("({id}, 'u{id}')")
+            })
+            .collect();
+        let done = c
+            .simple_query(&format!(
+                "INSERT INTO users (id, name) VALUES {}",
+                values.join(", ")
+            ))
+            .await
+            .unwrap();
+        let tag = done.iter().find_map(|m| match m {
+            SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        });
+        assert_eq!(tag, Some(100));
+    }
+    // Edge keys.
+    for id in [i64::MIN, i64::MAX, i32::MIN as i64, i32::MAX as i64 + 1] {
+        c.execute(&insert, &[&id, &"edge"]).await.unwrap();
+    }
+    let mut seen = 0;
+    for (shard, (lo, hi)) in BUCKETS.iter().enumerate() {
+        let s = on_shard(shard, &db).await;
+        let here = count(&s, "SELECT count(*) FROM users").await;
+        let misplaced = count(
+            &s,
+            &format!(
+                "SELECT count(*) FROM users WHERE (hashint8extended(id, 0) & 1023) NOT BETWEEN {lo} AND {hi}"
+            ),
+        )
+        .await;
+        assert_eq!(misplaced, 0, "shard {shard} holds rows of the other shard");
+        assert!(here > 0, "shard {shard} got no rows");
+        seen += here;
+    }
+    let through_proxy = count(&c, "SELECT count(*) FROM users").await;
+    assert_eq!(seen, through_proxy);
+    assert_eq!(seen, 600 + 600 + 1000 + 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_reads_and_keyless_reads_answer_as_one_server() {
+    let (proxy, _db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text, score int)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=500)
+        .map(|id| format!("({id}, 'u{id}', {})", id % 7))
+        .collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name, score) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    // Point reads: simple and extended (binary results).
+    for id in [1i64, 2, 250, 499] {
+        let rows = c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {id}"))
+            .await
+            .unwrap();
+        assert_eq!(simple_rows(&rows), vec![vec![Some(format!("u{id}"))]]);
+        let row = c
+            .query_one("SELECT name, score FROM users WHERE id = $1", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), format!("u{id}"));
+        assert_eq!(row.get::<_, i32>(1), (id % 7) as i32);
+    }
+    let rows = c
+        .simple_query("SELECT id FROM users WHERE id IN (3, 400, 77) ORDER BY id")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_rows(&rows),
+        [3, 77, 400].map(|v| vec![Some(v.to_string())])
+    );
+    // Keyless reads: merged.
+    assert_eq!(count(&c, "SELECT count(*) FROM users").await, 500);
+    let rows = c
+        .simple_query("SELECT id FROM users ORDER BY id DESC LIMIT 5 OFFSET 2")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_rows(&rows),
+        [498, 497, 496, 495, 494].map(|v| vec![Some(v.to_string())])
+    );
+    let rows = c
+        .simple_query("SELECT score, count(*), sum(id), min(id), max(id) FROM users GROUP BY score ORDER BY score")
+        .await
+        .unwrap();
+    let direct: Vec<Vec<Option<String>>> = (0..7)
+        .map(|s| {
+            let ids: Vec<i64> = (1..=500).filter(|i| i % 7 == s).collect();
+            vec![
+                Some(s.to_string()),
+                Some(ids.len().to_string()),
+                Some(ids.iter().sum::<i64>().to_string()),
+                Some(ids.iter().min().unwrap().to_string()),
+                Some(ids.iter().max().unwrap().to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(simple_rows(&rows), direct);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_and_cross_shard_writes_are_refused() {
+    let (proxy, _db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text); CREATE TABLE orders (id bigint, user_id bigint, total int)",
+    )
+    .await
+    .unwrap();
+    let err = c
+        .batch_execute("UPDATE users SET name = 'x'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
+    assert!(
+        err.as_db_error().unwrap().message().contains("users"),
+        "{err}"
+    );
+    let err = c.batch_execute("DELETE FROM orders").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
+    // Find two ids on different shards.
+    let (a, b) = (
+        1i64,
+        (2..100).find(|&i| shard_of(i) != shard_of(1)).unwrap(),
+    );
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!("INSERT INTO users (id, name) VALUES ({a}, 'a')"))
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute(&format!("INSERT INTO users (id, name) VALUES ({b}, 'b')"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM users").await, 0);
+}
+
+fn shard_of(id: i64) -> usize {
+    let bucket = shardgate::shard_map::hash::bucket(
+        shardgate::shard_map::hash::hashint8extended(id, 0),
+        1024,
+    );
+    usize::from(bucket >= 512)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tables_are_written_everywhere_or_nowhere() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany')")
+        .await
+        .unwrap();
+    for shard in 0..2 {
+        let s = on_shard(shard, &db).await;
+        assert_eq!(count(&s, "SELECT count(*) FROM countries").await, 2);
+    }
+    // A row that exists on shard 1 only: the insert fails there, so neither shard
+    // keeps the new rows.
+    on_shard(1, &db)
+        .await
+        .batch_execute("INSERT INTO countries VALUES ('it', 'Italy')")
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute("INSERT INTO countries VALUES ('es', 'Spain'), ('it', 'Italia')")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23505"));
+    let s0 = on_shard(0, &db).await;
+    assert_eq!(count(&s0, "SELECT count(*) FROM countries").await, 2);
+    let s1 = on_shard(1, &db).await;
+    assert_eq!(count(&s1, "SELECT count(*) FROM countries").await, 3);
+    // Reads of a reference table go to one shard.
+    wait_for(
+        "the read to see both rows",
+        Duration::from_secs(5),
+        || async {
+            count(
+                &c,
+                "SELECT count(*) FROM countries WHERE code IN ('fr', 'de')",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_ranges_place_rows_by_month_and_narrow_reads() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE events (id int, created_at timestamptz, what text)")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "INSERT INTO events (id, created_at, what) VALUES (1, '2025-12-30 23:59:59+00', 'old'), (2, '2026-01-02 00:00:00+00', 'new'), (3, '2026-03-05 10:00:00+00', 'new')",
+    )
+    .await
+    .unwrap();
+    let s0 = on_shard(0, &db).await;
+    let s1 = on_shard(1, &db).await;
+    assert_eq!(count(&s0, "SELECT count(*) FROM events").await, 1);
+    assert_eq!(count(&s1, "SELECT count(*) FROM events").await, 2);
+    // A function that exists only on shard 1: a range read of shard 1's months never
+    // reaches shard 0.
+    s1.batch_execute(
+        "CREATE FUNCTION only_here(t text) RETURNS text LANGUAGE sql AS $$ SELECT upper(t) $$",
+    )
+    .await
+    .unwrap();
+    let rows = c
+        .simple_query(
+            "SELECT only_here(what) FROM events WHERE created_at >= '2026-02-01' ORDER BY id",
+        )
+        .await
+        .unwrap();
+    assert_eq!(simple_rows(&rows), vec![vec![Some("NEW".to_owned())]]);
+}

@@ -1,0 +1,450 @@
+//! Cross-shard execution of one simple-protocol statement, beside the single-shard
+//! forwarder (which stays a byte-for-byte pipe). Each shard's part is a "leg": its own
+//! server connection, driven by a task that passes the server's messages through a
+//! bounded channel, so a leg whose rows are not needed yet waits instead of filling
+//! memory.
+//!
+//! - Reads: the legs' answers go through the merger (`crate::merge`), which turns them
+//!   into what one server would have sent (one RowDescription, rows in order, LIMIT,
+//!   aggregates, one CommandComplete), streamed to the client as it goes.
+//! - Writes to several shards (DDL, reference tables, a multi-row INSERT split by
+//!   shard): every leg runs `BEGIN` and the statement; only when all succeeded do all
+//!   commit, otherwise all roll back and the client gets the first error. Without
+//!   two-phase commit a crash between the commits can still leave one shard committed
+//!   and another not (docs/sharding.md).
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{align_settings, Session, SessionError, CHECKOUT_RETRIES};
+use crate::backend::{BackendError, PooledConn};
+use crate::merge::{MergePlan, Merger};
+use crate::protocol::messages::{self, btag};
+use crate::routing::analyze::{Analyzed, StatementClass};
+
+/// One shard's part of a cross-shard statement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leg {
+    /// Index into `Frontend::shards`.
+    pub shard: usize,
+    /// The messages this shard gets: a simple Query, or an extended-protocol batch
+    /// ending with Sync.
+    pub messages: Bytes,
+    /// ReadyForQuery messages that answer `messages`.
+    pub ready: usize,
+}
+
+impl Leg {
+    /// A leg running `sql` as a simple Query.
+    pub fn simple(shard: usize, sql: &str) -> Leg {
+        let mut messages = BytesMut::new();
+        messages::query(&mut messages, sql);
+        Leg {
+            shard,
+            messages: messages.freeze(),
+            ready: 1,
+        }
+    }
+}
+
+/// Server messages buffered per leg before its task waits for the merge to catch up.
+const LEG_QUEUE: usize = 64;
+
+/// Bytes merged for the client before they are written out.
+const CLIENT_CHUNK: usize = 64 * 1024;
+
+const READ: Analyzed = Analyzed {
+    class: StatementClass::Read,
+    hint: None,
+    set_target: None,
+    parsed: true,
+};
+
+const WRITE: Analyzed = Analyzed {
+    class: StatementClass::Write,
+    hint: None,
+    set_target: None,
+    parsed: true,
+};
+
+/// A leg's task: runs `sql` on `conn` and passes every server message before
+/// ReadyForQuery to `tx`. When the receiver is gone (the merge is done early) it keeps
+/// reading, without passing, until the server is ready again, so the connection comes
+/// back usable.
+async fn run_leg(
+    mut conn: PooledConn,
+    leg: Leg,
+    tx: mpsc::Sender<Bytes>,
+) -> Result<PooledConn, BackendError> {
+    let result = async {
+        conn.wr.write_all(&leg.messages).await?;
+        let mut ready = 0;
+        let mut passing = true;
+        loop {
+            let frame = conn.read_frame().await?;
+            if frame.tag == btag::READY_FOR_QUERY {
+                conn.txn_status = frame.body().first().copied().unwrap_or(b'I');
+                ready += 1;
+                if ready == leg.ready {
+                    return Ok(());
+                }
+                continue;
+            }
+            if passing && tx.send(frame.raw).await.is_err() {
+                passing = false;
+            }
+        }
+    }
+    .await;
+    conn.note_failure(result)?;
+    Ok(conn)
+}
+
+/// What the client is told when the legs' answers cannot be merged.
+fn merge_error(error: &crate::merge::MergeError) -> (&'static str, String) {
+    (
+        "0A000",
+        format!("the results of the shards cannot be merged: {error}"),
+    )
+}
+
+/// An ErrorResponse for a leg whose connection failed mid-statement.
+fn leg_failure(shard: &str, error: &BackendError) -> Bytes {
+    let mut out = BytesMut::new();
+    messages::error_fields(
+        &mut out,
+        btag::ERROR_RESPONSE,
+        "ERROR",
+        error.sqlstate(),
+        &format!("shard {shard}: {error}"),
+    );
+    out.freeze()
+}
+
+struct Running {
+    shard: usize,
+    rx: mpsc::Receiver<Bytes>,
+    /// Taken when the leg is joined.
+    task: Option<tokio::task::JoinHandle<Result<PooledConn, BackendError>>>,
+    cancel: (String, u16, (u32, u32)),
+    /// The leg's channel closed: its task has ended or is about to.
+    done: bool,
+}
+
+impl Running {
+    /// Waits for the leg's task; its connection goes back to the pool when idle.
+    async fn join(&mut self) -> Result<(), BackendError> {
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok(Ok(conn)) => {
+                conn.release();
+                Ok(())
+            }
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BackendError::Closed),
+        }
+    }
+}
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// Borrows a connection on `shard` for one leg, settings aligned, retrying a
+    /// connection that fails before use like `ensure_server` does.
+    async fn borrow_for_leg(
+        &mut self,
+        shard: usize,
+        analyzed: &Analyzed,
+    ) -> Result<PooledConn, SessionError> {
+        let mut attempt = 0;
+        loop {
+            let (_, mut conn) = self.acquire_routed(Some(analyzed), shard).await?;
+            match align_settings(&mut conn, &self.params).await {
+                Ok(()) => return Ok(conn),
+                Err(error) if error.is_connection_failure() && attempt < CHECKOUT_RETRIES => {
+                    attempt += 1;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn start_legs(
+        &mut self,
+        legs: Vec<Leg>,
+        analyzed: &Analyzed,
+    ) -> Result<Vec<Running>, SessionError> {
+        let mut running = Vec::with_capacity(legs.len());
+        for leg in legs {
+            let shard = leg.shard;
+            let conn = self.borrow_for_leg(shard, analyzed).await?;
+            let cancel = (conn.host.clone(), conn.port, conn.backend_key);
+            let (tx, rx) = mpsc::channel(LEG_QUEUE);
+            let task = tokio::spawn(run_leg(conn, leg, tx));
+            running.push(Running {
+                shard,
+                rx,
+                task: Some(task),
+                cancel,
+                done: false,
+            });
+        }
+        Ok(running)
+    }
+
+    /// Ends every leg: legs still running are cancelled, each connection goes back to
+    /// its pool if the server is idle (it is closed otherwise).
+    async fn finish_legs(&mut self, legs: Vec<Running>) {
+        for mut leg in legs {
+            if !leg.done && leg.task.is_some() {
+                let (host, port, key) = leg.cancel.clone();
+                tokio::spawn(async move {
+                    let _ = crate::backend::conn::send_cancel(&host, port, key).await;
+                });
+            }
+            leg.rx.close();
+            if let Err(error) = leg.join().await {
+                tracing::warn!(%error, shard = %self.fe.shards[leg.shard].name, "leg failed");
+            }
+        }
+    }
+
+    /// A keyless read over several shards, merged. `describe`: the client wants the
+    /// RowDescription (always for a simple Query). The caller sends ReadyForQuery.
+    pub(super) async fn fan_out_read(
+        &mut self,
+        legs: Vec<Leg>,
+        plan: MergePlan,
+        describe: bool,
+    ) -> Result<(), SessionError> {
+        let count = legs.len();
+        let mut running = self.start_legs(legs, &READ).await?;
+        let mut merger = Merger::new(plan, count);
+        while !merger.finished() {
+            let next = (0..count).find(|&i| !running[i].done && merger.wants(i));
+            let Some(i) = next.or_else(|| (0..count).find(|&i| !running[i].done)) else {
+                break;
+            };
+            match running[i].rx.recv().await {
+                // Notices once (every shard would say the same), no status chatter.
+                Some(frame) if frame.first() == Some(&btag::NOTICE_RESPONSE) => {
+                    if i == 0 {
+                        self.cout.extend_from_slice(&frame);
+                    }
+                }
+                // Status chatter, and the extended protocol's acknowledgements (the
+                // client gets its own).
+                Some(frame)
+                    if matches!(
+                        frame.first(),
+                        Some(
+                            &(btag::PARAMETER_STATUS
+                                | btag::NOTIFICATION
+                                | btag::PARSE_COMPLETE
+                                | btag::BIND_COMPLETE
+                                | btag::CLOSE_COMPLETE)
+                        )
+                    ) => {}
+                Some(frame) => {
+                    if let Err(error) = merger.push(i, &frame) {
+                        tracing::warn!(%error, "cross-shard merge failed");
+                        let (code, text) = merge_error(&error);
+                        messages::error_fields(
+                            &mut self.cout,
+                            btag::ERROR_RESPONSE,
+                            "ERROR",
+                            code,
+                            &text,
+                        );
+                        self.finish_legs(running).await;
+                        return Ok(());
+                    }
+                }
+                None => {
+                    running[i].done = true;
+                    // The task ended: normally after its CommandComplete or error,
+                    // which the merger has; a failed connection says so here.
+                    if let Err(error) = running[i].join().await {
+                        let name = &self.fe.shards[running[i].shard].name;
+                        let _ = merger.push(i, &leg_failure(name, &error));
+                    }
+                }
+            }
+            self.drain_merged(&mut merger, describe);
+            if self.cout.len() >= CLIENT_CHUNK {
+                self.wr.write_all(&self.cout).await?;
+                self.cout.clear();
+            }
+            if merger.satisfied() {
+                break;
+            }
+        }
+        self.drain_merged(&mut merger, describe);
+        self.finish_legs(running).await;
+        Ok(())
+    }
+
+    /// Moves merged messages to the client; without `describe` the RowDescription
+    /// (which the merge needs from the legs) is left out.
+    fn drain_merged(&mut self, merger: &mut Merger, describe: bool) {
+        if describe {
+            merger.drain(&mut self.cout);
+            return;
+        }
+        let mut merged = BytesMut::new();
+        merger.drain(&mut merged);
+        while let Ok(Some(frame)) = crate::protocol::decode_frame(&mut merged, usize::MAX) {
+            if frame.tag != btag::ROW_DESCRIPTION {
+                self.cout.extend_from_slice(&frame.raw);
+            }
+        }
+    }
+
+    /// A write on several shards, all or nothing before the commits: each leg runs
+    /// `BEGIN` and its statement; then all commit, or all roll back on any error.
+    /// The caller sends ReadyForQuery.
+    pub(super) async fn fan_out_write(&mut self, legs: Vec<Leg>) -> Result<(), SessionError> {
+        self.fan_out_write_described(legs, true).await
+    }
+
+    /// `fan_out_write` for an extended-protocol batch: `describe` says whether the
+    /// client asked for the portal's description (RowDescription or NoData).
+    pub(super) async fn fan_out_write_described(
+        &mut self,
+        legs: Vec<Leg>,
+        describe: bool,
+    ) -> Result<(), SessionError> {
+        let legs = legs
+            .into_iter()
+            .map(|leg| {
+                let mut messages = BytesMut::new();
+                messages::query(&mut messages, "BEGIN");
+                messages.extend_from_slice(&leg.messages);
+                Leg {
+                    shard: leg.shard,
+                    messages: messages.freeze(),
+                    ready: leg.ready + 1,
+                }
+            })
+            .collect();
+        let mut running = self.start_legs(legs, &WRITE).await?;
+        let mut answers: Vec<Vec<Bytes>> = Vec::with_capacity(running.len());
+        for leg in running.iter_mut() {
+            let mut frames = Vec::new();
+            while let Some(frame) = leg.rx.recv().await {
+                frames.push(frame);
+            }
+            leg.done = true;
+            answers.push(frames);
+        }
+        let mut conns = Vec::with_capacity(running.len());
+        let mut failure: Option<Bytes> = None;
+        for (mut leg, frames) in running.into_iter().zip(&answers) {
+            let name = &self.fe.shards[leg.shard].name;
+            if let Some(task) = leg.task.take() {
+                match task.await {
+                    Ok(Ok(conn)) => conns.push(conn),
+                    Ok(Err(error)) => {
+                        failure.get_or_insert_with(|| leg_failure(name, &error));
+                    }
+                    Err(_) => {
+                        failure.get_or_insert_with(|| leg_failure(name, &BackendError::Closed));
+                    }
+                }
+            }
+            if let Some(error) = frames
+                .iter()
+                .find(|f| f.first() == Some(&btag::ERROR_RESPONSE))
+            {
+                failure.get_or_insert_with(|| error.clone());
+            }
+        }
+        let end = if failure.is_some() {
+            "ROLLBACK"
+        } else {
+            "COMMIT"
+        };
+        let mut commit_failure = None;
+        for mut conn in conns {
+            match conn.run_internal(end).await {
+                Ok(()) => conn.release(),
+                Err(error) => {
+                    tracing::warn!(%error, end, "ending a cross-shard write leg failed");
+                    commit_failure.get_or_insert(error);
+                }
+            }
+        }
+        if failure.is_none() {
+            self.route.wrote_at = Some(std::time::Instant::now());
+        }
+        match failure {
+            Some(error) => self.cout.extend_from_slice(&error),
+            None => match commit_failure {
+                Some(error) => messages::error_fields(
+                    &mut self.cout,
+                    btag::ERROR_RESPONSE,
+                    "ERROR",
+                    error.sqlstate(),
+                    &format!("committing on one shard failed after others committed: {error}"),
+                ),
+                None => write_combined(&mut self.cout, &answers, describe),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// The client's view of a successful write on several shards: the first leg's
+/// RowDescription (RETURNING), every leg's rows, one CommandComplete whose row count
+/// is the sum (`INSERT 0 n`, `UPDATE n`, `DELETE n`; other tags as the first leg's).
+fn write_combined(out: &mut BytesMut, answers: &[Vec<Bytes>], describe: bool) {
+    // Each leg's frames: BEGIN's CommandComplete, then the statement's answer.
+    let statement =
+        |frames: &Vec<Bytes>| -> Vec<Bytes> { frames.iter().skip(1).cloned().collect() };
+    let mut described = false;
+    let mut total: u64 = 0;
+    let mut first_tag: Option<String> = None;
+    for frames in answers {
+        for frame in statement(frames) {
+            match frame.first().copied() {
+                Some(btag::ROW_DESCRIPTION | btag::NO_DATA) if !described => {
+                    described = true;
+                    if describe {
+                        out.extend_from_slice(&frame);
+                    }
+                }
+                Some(btag::DATA_ROW) => out.extend_from_slice(&frame),
+                Some(btag::COMMAND_COMPLETE) => {
+                    let tag = String::from_utf8_lossy(
+                        frame
+                            .get(5..frame.len().saturating_sub(1))
+                            .unwrap_or_default(),
+                    )
+                    .into_owned();
+                    total += tag
+                        .rsplit(' ')
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    first_tag.get_or_insert(tag);
+                }
+                _ => {}
+            }
+        }
+    }
+    let tag = first_tag.unwrap_or_default();
+    let words: Vec<&str> = tag.split(' ').collect();
+    let combined = match words.as_slice() {
+        ["INSERT", oid, _] => format!("INSERT {oid} {total}"),
+        [verb @ ("UPDATE" | "DELETE" | "MERGE" | "SELECT" | "COPY"), _] => {
+            format!("{verb} {total}")
+        }
+        _ => tag,
+    };
+    messages::command_complete(out, &combined);
+}
