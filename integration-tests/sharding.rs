@@ -296,6 +296,18 @@ async fn reference_tables_are_written_everywhere_or_nowhere() {
         let s = on_shard(shard, &db).await;
         assert_eq!(count(&s, "SELECT count(*) FROM countries").await, 2);
     }
+    // One logical row, whatever the number of copies (extended protocol this time).
+    let n = c
+        .execute(
+            "INSERT INTO countries (code, name) VALUES ($1, $2)",
+            &[&"nl", &"Netherlands"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    c.batch_execute("DELETE FROM countries WHERE code = 'nl'")
+        .await
+        .unwrap();
     // A row that exists on shard 1 only: the insert fails there, so neither shard
     // keeps the new rows.
     on_shard(1, &db)
@@ -358,4 +370,43 @@ async fn time_ranges_place_rows_by_month_and_narrow_reads() {
         .await
         .unwrap();
     assert_eq!(simple_rows(&rows), vec![vec![Some("NEW".to_owned())]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_without_a_column_list_are_placed_by_the_tables_own_columns() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE orders (id bigint, user_id bigint, total int)")
+        .await
+        .unwrap();
+    // The key is the second column: the proxy must know that to place the rows.
+    let values: Vec<String> = (1..=200)
+        .map(|i| format!("({i}, {i}, {})", i * 10))
+        .collect();
+    c.batch_execute(&format!("INSERT INTO orders VALUES {}", values.join(", ")))
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO orders VALUES (1000, 7, 1)")
+        .await
+        .unwrap();
+    for (shard, (lo, hi)) in BUCKETS.iter().enumerate() {
+        let s = on_shard(shard, &db).await;
+        let misplaced = count(
+            &s,
+            &format!(
+                "SELECT count(*) FROM orders WHERE (hashint8extended(user_id, 0) & 1023) NOT BETWEEN {lo} AND {hi}"
+            ),
+        )
+        .await;
+        assert_eq!(misplaced, 0, "shard {shard}");
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM orders").await, 201);
+    let row = c
+        .query_one(
+            "SELECT total FROM orders WHERE user_id = 7 AND id = 1000",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
 }

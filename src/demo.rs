@@ -28,20 +28,43 @@ const USER: &str = "app";
 const PASSWORD: &str = "app-secret";
 const DATABASE: &str = "app";
 
-/// Each shard's replica confirms it has *applied* a commit before the commit returns,
-/// so a read in a new session right after a write sees it on the replica too (plain
-/// `synchronous_commit = on` only waits for the replica to flush, not to replay).
 fn shard_options() -> ClusterOptions {
     ClusterOptions {
         replicas: 1,
         database: DATABASE.into(),
         app_user: USER.into(),
         app_password: PASSWORD.into(),
-        extra_conf: vec![
-            "synchronous_standby_names = '*'".into(),
-            "synchronous_commit = remote_apply".into(),
-        ],
+        extra_conf: Vec::new(),
     }
+}
+
+/// Once its replica streams, each shard's primary waits for the replica to *apply* a
+/// commit before the commit returns, so a read in a new session right after a write
+/// sees it on the replica too (plain `synchronous_commit = on` only waits for the
+/// replica to flush, not to replay). Set after start: with it set during setup, the
+/// primary would wait for a standby that does not exist yet.
+async fn make_replication_synchronous(
+    clusters: &[LocalCluster],
+) -> Result<(), tokio_postgres::Error> {
+    for cluster in clusters {
+        let primary = cluster.primary();
+        let dsn = format!(
+            "host={} port={} user={} dbname=postgres",
+            primary.host,
+            primary.port,
+            cluster.superuser()
+        );
+        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "ALTER SYSTEM SET synchronous_commit = 'remote_apply'",
+            "SELECT pg_reload_conf()",
+        ] {
+            client.batch_execute(sql).await?;
+        }
+    }
+    Ok(())
 }
 
 pub fn run() -> Result<(), DemoError> {
@@ -85,9 +108,18 @@ fn serve(clusters: &[LocalCluster]) -> Result<(), DemoError> {
     let (config, map) = write_config(clusters, clusters[0].dir(), port)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        if let Err(error) = make_replication_synchronous(clusters).await {
+            eprintln!(
+                "shardgate demo: making replication synchronous failed: {}",
+                db_message(&error)
+            );
+        }
         let handle = crate::app::start(&config, &map).await?;
         if let Err(error) = seed(port).await {
-            eprintln!("shardgate demo: creating the sample schema failed: {error}");
+            eprintln!(
+                "shardgate demo: creating the sample schema failed: {}",
+                db_message(&error)
+            );
         }
         println!();
         println!("shardgate is running. Connect with:");
@@ -182,7 +214,10 @@ async fn seed(port: u16) -> Result<(), tokio_postgres::Error> {
     client.batch_execute(SCHEMA).await?;
     let users: Vec<String> = (1..=100).map(|id| format!("({id}, 'user {id}')")).collect();
     client
-        .batch_execute(&format!("INSERT INTO users VALUES {}", users.join(", ")))
+        .batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES {}",
+            users.join(", ")
+        ))
         .await?;
     let orders: Vec<String> = (1..=100)
         .map(|id| format!("({}, {}.50)", (id % 100) + 1, id * 3))
@@ -193,11 +228,14 @@ async fn seed(port: u16) -> Result<(), tokio_postgres::Error> {
             orders.join(", ")
         ))
         .await?;
+    // One statement per text: statements of one text must share a shard.
     client
         .batch_execute(
-            "INSERT INTO events (created_at, what) VALUES ('2025-11-20', 'signup'), ('2025-12-24', 'order'), ('2026-01-15', 'refund'), ('2026-02-02', 'signup');
-             INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany'), ('jp', 'Japan');",
+            "INSERT INTO events (created_at, what) VALUES ('2025-11-20', 'signup'), ('2025-12-24', 'order'), ('2026-01-15', 'refund'), ('2026-02-02', 'signup')",
         )
+        .await?;
+    client
+        .batch_execute("INSERT INTO countries (code, name) VALUES ('fr', 'France'), ('de', 'Germany'), ('jp', 'Japan')")
         .await?;
     println!();
     println!("Sample schema (created through the proxy): users and orders hashed by user id");
@@ -207,7 +245,7 @@ async fn seed(port: u16) -> Result<(), tokio_postgres::Error> {
     println!("  SELECT count(*) FROM users;                     -- both shards, merged");
     println!("  SELECT * FROM orders ORDER BY total DESC LIMIT 3;  -- merged by sort key");
     println!("  SELECT * FROM events WHERE created_at >= '2026-01-01';  -- shard s1 only");
-    println!("  INSERT INTO countries VALUES ('it', 'Italy');   -- written to both shards");
+    println!("  INSERT INTO countries (code, name) VALUES ('it', 'Italy');  -- both shards");
     println!("  UPDATE users SET name = 'x';                    -- refused: no key (0A000)");
     Ok(())
 }
@@ -225,5 +263,13 @@ async fn wait_for_stop_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// The server's own message when there is one (`Display` of the error says only "db error").
+fn db_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => error.to_string(),
     }
 }

@@ -61,7 +61,7 @@ const READ: Analyzed = Analyzed {
     parsed: true,
 };
 
-const WRITE: Analyzed = Analyzed {
+pub(super) const WRITE: Analyzed = Analyzed {
     class: StatementClass::Write,
     hint: None,
     set_target: None,
@@ -156,7 +156,7 @@ where
 {
     /// Borrows a connection on `shard` for one leg, settings aligned, retrying a
     /// connection that fails before use like `ensure_server` does.
-    async fn borrow_for_leg(
+    pub(super) async fn borrow_for_leg(
         &mut self,
         shard: usize,
         analyzed: &Analyzed,
@@ -308,8 +308,12 @@ where
     /// A write on several shards, all or nothing before the commits: each leg runs
     /// `BEGIN` and its statement; then all commit, or all roll back on any error.
     /// The caller sends ReadyForQuery.
-    pub(super) async fn fan_out_write(&mut self, legs: Vec<Leg>) -> Result<(), SessionError> {
-        self.fan_out_write_described(legs, true).await
+    pub(super) async fn fan_out_write(
+        &mut self,
+        legs: Vec<Leg>,
+        combine: Combine,
+    ) -> Result<(), SessionError> {
+        self.fan_out_write_described(legs, true, combine).await
     }
 
     /// `fan_out_write` for an extended-protocol batch: `describe` says whether the
@@ -318,6 +322,7 @@ where
         &mut self,
         legs: Vec<Leg>,
         describe: bool,
+        combine: Combine,
     ) -> Result<(), SessionError> {
         let legs = legs
             .into_iter()
@@ -392,11 +397,28 @@ where
                     error.sqlstate(),
                     &format!("committing on one shard failed after others committed: {error}"),
                 ),
-                None => write_combined(&mut self.cout, &answers, describe),
+                None => {
+                    let shown = match combine {
+                        Combine::Sum => &answers[..],
+                        Combine::First => &answers[..answers.len().min(1)],
+                    };
+                    write_combined(&mut self.cout, shown, describe)
+                }
             },
         }
         Ok(())
     }
+}
+
+/// How the legs of a write make up the client's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Combine {
+    /// Each shard wrote different rows (a split INSERT, a keyed write over several
+    /// shards): rows and counts add up.
+    Sum,
+    /// Every shard did the same (DDL, reference tables): one shard's answer is the
+    /// answer.
+    First,
 }
 
 /// The client's view of a successful write on several shards: the first leg's

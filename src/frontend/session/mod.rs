@@ -117,6 +117,7 @@ pub(super) struct ExtendedFanOut {
     execute: bool,
     close: bool,
     done: bool,
+    combine: fanout::Combine,
 }
 
 /// A shape check the client's frames wait for: the statement re-created on the held

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::fanout::Leg;
+use super::fanout::{Combine, Leg};
 use super::{Expect, Op, Session, SessionError};
 use crate::merge::{AggregatePlan, MergePlan};
 use crate::protocol::messages::{self, btag};
@@ -66,13 +66,77 @@ where
         let spans = shard_plan::literal_spans(sql).unwrap_or_default();
         let values = Values::simple(sql, &spans);
         let target = shard_plan::route(&plan, &self.fe.map, &values);
-        match self.place(&plan, target, sql, &values).await? {
+        let placement = match &target {
+            Target::Refuse(why) if why.contains("column list") => {
+                match self.with_column_list(sql).await? {
+                    // `INSERT INTO t VALUES (...)`: placed as if the columns were named.
+                    Some(named) => {
+                        let plan = Arc::new(shard_plan::plan(&named));
+                        let spans = shard_plan::literal_spans(&named).unwrap_or_default();
+                        let values = Values::simple(&named, &spans);
+                        let target = shard_plan::route(&plan, &self.fe.map, &values);
+                        self.place(&plan, target, &named, &values).await?
+                    }
+                    None => self.place(&plan, target, sql, &values).await?,
+                }
+            }
+            _ => self.place(&plan, target, sql, &values).await?,
+        };
+        match placement {
             Placement::One(shard) => {
                 self.next_shard = shard;
                 Ok(false)
             }
             Placement::Answered => Ok(true),
         }
+    }
+
+    /// `INSERT INTO t VALUES (...)` without a column list: the same INSERT with the
+    /// table's leading columns named, read from the default shard's catalog (the key
+    /// column's position is what routing needs). None when that cannot be done.
+    async fn with_column_list(&mut self, sql: &str) -> Result<Option<String>, SessionError> {
+        use sqlparser::ast::{SetExpr, Statement};
+        let Ok(mut statements) =
+            sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+        else {
+            return Ok(None);
+        };
+        let [Statement::Insert(insert)] = statements.as_mut_slice() else {
+            return Ok(None);
+        };
+        let width = match insert.source.as_deref().map(|q| q.body.as_ref()) {
+            Some(SetExpr::Values(values)) => values.rows.first().map_or(0, |r| r.len()),
+            _ => return Ok(None),
+        };
+        if !insert.columns.is_empty() || width == 0 {
+            return Ok(None);
+        }
+        let table = insert.table.to_string();
+        let lookup = format!(
+            "SELECT string_agg(quote_ident(attname), ',' ORDER BY attnum) FROM pg_attribute \
+             WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped",
+            crate::backend::params::quote_literal(&table)
+        );
+        let default = self.fe.default_shard;
+        let mut conn = self.borrow_for_leg(default, &super::fanout::WRITE).await?;
+        let columns = conn.query_scalar(&lookup).await;
+        conn.release();
+        let Some(columns) = columns? else {
+            return Ok(None);
+        };
+        let names: Vec<&str> = columns.split(',').collect();
+        if names.len() < width {
+            return Ok(None);
+        }
+        insert.columns = names[..width]
+            .iter()
+            .map(|n| sqlparser::ast::Ident::new(n.trim_matches('"').replace("\"\"", "\"")))
+            .map(|mut ident| {
+                ident.quote_style = Some('"');
+                sqlparser::ast::ObjectName::from(vec![ident])
+            })
+            .collect();
+        Ok(Some(statements[0].to_string()))
     }
 
     /// Routes a Bind of a sharded map: sets `next_shard`, or refuses (through the
@@ -145,9 +209,9 @@ where
         target: Target,
     ) -> Result<bool, SessionError> {
         let all = || (0..self.fe.shards.len()).collect::<Vec<_>>();
-        let (shards, write, rows) = match target {
-            Target::Shards(shards) => (shards, !plan.is_read(), None),
-            Target::All { write } => (all(), write, None),
+        let (shards, write, rows) = match &target {
+            Target::Shards(shards) => (shards.clone(), !plan.is_read(), None),
+            Target::All { write } => (all(), *write, None),
             Target::SplitInsert(parts) => {
                 (parts.iter().map(|(s, _)| *s).collect(), true, Some(parts))
             }
@@ -201,6 +265,10 @@ where
             execute: false,
             close: false,
             done: false,
+            combine: match target {
+                Target::All { .. } => combine_for(plan, &self.fe.map),
+                _ => Combine::Sum,
+            },
         });
         Ok(false)
     }
@@ -303,7 +371,10 @@ where
             .collect();
         match batch.merge {
             Some(merge) => self.fan_out_read(legs, merge, batch.describe).await?,
-            None => self.fan_out_write_described(legs, batch.describe).await?,
+            None => {
+                self.fan_out_write_described(legs, batch.describe, batch.combine)
+                    .await?
+            }
         }
         if batch.close {
             self.cout
@@ -384,7 +455,8 @@ where
                 let legs = (0..self.fe.shards.len())
                     .map(|shard| Leg::simple(shard, sql))
                     .collect();
-                self.fan_out_write(legs).await?;
+                let combine = combine_for(plan, &self.fe.map);
+                self.fan_out_write(legs, combine).await?;
                 self.ready_idle();
                 return Ok(Placement::Answered);
             }
@@ -394,7 +466,7 @@ where
                         .refused("this multi-row INSERT cannot be split by shard")
                         .await;
                 };
-                self.fan_out_write(legs).await?;
+                self.fan_out_write(legs, Combine::Sum).await?;
                 self.ready_idle();
                 return Ok(Placement::Answered);
             }
@@ -526,6 +598,23 @@ fn raise_sql(message: &str) -> String {
         "DO $shardgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}; END $shardgate$",
         crate::backend::params::quote_literal(&message.replace("$shardgate$", ""))
     )
+}
+
+/// How a write on every shard answers: rows of sharded tables differ per shard (their
+/// counts add up); reference tables and schema objects are the same everywhere (one
+/// shard's answer is the answer).
+fn combine_for(plan: &ShardPlan, map: &crate::shard_map::ShardMap) -> Combine {
+    let sharded = plan.tables().any(|t| {
+        matches!(
+            map.tables.get(t),
+            Some(crate::shard_map::TableRule::Sharded { .. })
+        )
+    });
+    if sharded {
+        Combine::Sum
+    } else {
+        Combine::First
+    }
 }
 
 /// The merger's plan for one execution of a read with merge shape `shape`.
