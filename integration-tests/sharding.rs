@@ -410,3 +410,102 @@ async fn inserts_without_a_column_list_are_placed_by_the_tables_own_columns() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+/// The test map with its hash keyspace split at `split` and `s1`'s replicas given.
+fn map_with(database: &str, split: u32, s1: &str) -> String {
+    map(database)
+        .replace("buckets: 0-511", &format!("buckets: 0-{}", split - 1))
+        .replace("buckets: 512-1023", &format!("buckets: {split}-1023"))
+        .replace(&shard_entry(&shard_clusters()[1]), s1)
+}
+
+fn rewrite_map(proxy: &TestProxy, text: &str) {
+    // Write then rename, as editors do: the watcher sees one whole file.
+    let path = proxy.map_file();
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(&temp, &path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_apply_topology_and_refuse_invalid_maps_and_key_moves() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let version = || proxy.handle.frontend.topology.load().map.version;
+    assert_eq!(version(), 1);
+    // Invalid: overlapping buckets. Rejected with file and line; the old map stays.
+    let invalid = map(&db)
+        .replace("buckets: 512-1023", "buckets: 500-1023")
+        .replace("version: 1", "version: 2");
+    rewrite_map(&proxy, &invalid);
+    let err = proxy.handle.reload().await.unwrap_err().to_string();
+    assert!(
+        err.contains("map.yaml:") && err.contains("keeping version 1"),
+        "{err}"
+    );
+    assert_eq!(version(), 1);
+    // A bucket move needs a reshard: refused, routing unchanged.
+    let moved =
+        map_with(&db, 256, &shard_entry(&shard_clusters()[1])).replace("version: 1", "version: 3");
+    rewrite_map(&proxy, &moved);
+    let err = proxy.handle.reload().await.unwrap_err().to_string();
+    assert!(
+        err.contains("keyspaces changed") && err.contains("reshard"),
+        "{err}"
+    );
+    assert_eq!(version(), 1);
+    let id = (1..1000)
+        .find(|&i| {
+            let b = shardgate::shard_map::hash::bucket(
+                shardgate::shard_map::hash::hashint8extended(i, 0),
+                1024,
+            );
+            (256..512).contains(&b)
+        })
+        .unwrap();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES ({id}, 'stays')"
+    ))
+    .await
+    .unwrap();
+    let s0 = on_shard(0, &db).await;
+    assert_eq!(
+        count(&s0, &format!("SELECT count(*) FROM users WHERE id = {id}")).await,
+        1
+    );
+    // A topology change (shard s1 without its replica) applies at once, through the
+    // file watcher alone, and routing keeps working on the new snapshot.
+    let (host, port) = &shard_clusters()[1].primary;
+    let no_replica = map(&db)
+        .replace(
+            &shard_entry(&shard_clusters()[1]),
+            &format!("{{ primary: \"{host}:{port}\" }}"),
+        )
+        .replace("version: 1", "version: 4");
+    rewrite_map(&proxy, &no_replica);
+    wait_for(
+        "the watcher to apply version 4",
+        Duration::from_secs(10),
+        || async { version() == 4 },
+    )
+    .await;
+    let topology = proxy.handle.frontend.topology.load();
+    assert_eq!(topology.shards[1].nodes.len(), 1);
+    assert_eq!(topology.shards[0].nodes.len(), 2);
+    drop(topology);
+    for i in 0..50 {
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES ({}, 'after')",
+            10_000 + i
+        ))
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM users WHERE name = 'after'").await,
+        50
+    );
+}

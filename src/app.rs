@@ -13,12 +13,14 @@ use tokio::task::JoinHandle;
 
 use arc_swap::ArcSwap;
 
+pub mod reload;
+
 use crate::backend::{PoolSettings, Pools};
 use crate::config::{Config, PoolMode as ConfigPoolMode};
-use crate::control::monitor::{self, MonitorHandle, MonitorNode, MonitorSettings};
+use crate::control::monitor::{self, MonitorNode, MonitorSettings};
 use crate::frontend::listener::Listener;
 use crate::frontend::{
-    BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode, ShardRuntime,
+    BackendNode, ClientUser, Frontend, FrontendSettings, PoolMode, ShardRuntime, Topology,
 };
 use crate::protocol::scram::ScramSecret;
 use crate::routing::cache::{AnalysisCache, ShapeCache};
@@ -42,10 +44,17 @@ pub struct ProxyHandle {
     pub frontend: Arc<Frontend>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
-    _monitors: Vec<MonitorHandle>,
+    /// Owns the shards' monitors; reloads the shard map.
+    reloader: Arc<reload::Reloader>,
 }
 
 impl ProxyHandle {
+    /// Reads the shard map file again and applies it when it may be applied (what
+    /// SIGHUP and a change of the file do).
+    pub async fn reload(&self) -> Result<reload::ReloadOutcome, reload::ReloadError> {
+        self.reloader.reload().await
+    }
+
     /// Stops accepting and lets sessions finish their transactions.
     pub fn shutdown(&self) {
         let _ = self.shutdown.send(true);
@@ -148,12 +157,15 @@ pub fn build_frontend(
         settings,
         users,
         decoy: ScramSecret::new("decoy"),
-        default_shard: shards
-            .iter()
-            .position(|s| s.name == map.default_shard)
-            .unwrap_or(0),
-        shards,
-        map: Arc::new(map.clone()),
+        topology: ArcSwap::from_pointee(Topology {
+            default_shard: shards
+                .iter()
+                .position(|s| s.name == map.default_shard)
+                .unwrap_or(0),
+            shards,
+            map: Arc::new(map.clone()),
+            generation: 0,
+        }),
         analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
         shard_plans: ShapeCache::new(ANALYSIS_CACHE_SIZE),
         route_counter: Default::default(),
@@ -211,11 +223,22 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         max_lag_bytes: config.routing.max_replica_lag_bytes,
         connect_timeout: config.pool.connect_timeout,
     };
-    let monitors = monitored
-        .into_iter()
-        .zip(published)
-        .map(|(nodes, fresh)| monitor::spawn_monitor(nodes, settings, fresh))
+    let monitors = map
+        .shards
+        .iter()
+        .zip(monitored.into_iter().zip(published))
+        .map(|((name, spec), (nodes, fresh))| {
+            let handle = monitor::spawn_monitor(nodes, settings, fresh);
+            (name.clone(), (spec.clone(), handle))
+        })
         .collect();
+    let reloader = Arc::new(reload::Reloader::new(
+        frontend.clone(),
+        config.clone(),
+        settings,
+        monitors,
+    ));
+    let triggers = reload::spawn_triggers(reloader.clone(), rx.clone());
     let listener = Listener {
         listener,
         fe: frontend.clone(),
@@ -225,6 +248,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
     let task = tokio::spawn(async move {
         listener.run(rx, grace).await;
         reaper.abort();
+        triggers.abort();
     });
     tracing::info!(%local_addr, database = %map.database, "shardgate listening");
     Ok(ProxyHandle {
@@ -232,7 +256,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         frontend,
         shutdown: tx,
         task,
-        _monitors: monitors,
+        reloader,
     })
 }
 

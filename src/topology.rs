@@ -1,7 +1,9 @@
-//! The immutable snapshots the data path reads and the control plane publishes: for
-//! now, the freshness of each node of the (single, default) shard. Sessions load one
-//! snapshot per routing decision (`arc_swap`, no lock); the monitor builds a new one
-//! every `lag_check_interval` and swaps it in.
+//! The immutable snapshots the data path reads and the control plane publishes:
+//! - `Topology`: the shard map and, per shard, its nodes and freshness; replaced by a
+//!   reload. A session takes one per transaction (when it holds no server).
+//! - `Freshness`: the health and lag of one shard's nodes; the shard's monitor builds a
+//!   new one every `lag_check_interval` and swaps it in. Sessions load it once per
+//!   routing decision (`arc_swap`, no lock).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +74,42 @@ impl Freshness {
 
 /// Where the control plane publishes and the data path reads.
 pub type SharedFreshness = Arc<ArcSwap<Freshness>>;
+
+/// A node of a shard: index 0 the primary, then the replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendNode {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// One shard as the data path uses it.
+pub struct ShardRuntime {
+    pub name: String,
+    /// Index 0 the primary, then the replicas in map order.
+    pub nodes: Vec<BackendNode>,
+    /// Node health and lag, published by this shard's monitor.
+    pub fresh: SharedFreshness,
+}
+
+/// The shard map and the shards it names, as one immutable value.
+pub struct Topology {
+    pub map: Arc<crate::shard_map::ShardMap>,
+    /// The map's shards in its (name) order: routing names shards by this index.
+    pub shards: Vec<ShardRuntime>,
+    /// Index of the map's `default_shard` in `shards`.
+    pub default_shard: usize,
+    /// Increases with every reload that changed something.
+    pub generation: u64,
+}
+
+impl Topology {
+    /// Whether routing has to look for shard keys at all.
+    pub fn sharded(&self) -> bool {
+        self.shards.len() > 1
+    }
+}
 
 /// Parses a PostgreSQL LSN ("16/B374D848") into a byte position.
 pub fn parse_lsn(text: &str) -> Option<u64> {

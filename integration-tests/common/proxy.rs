@@ -58,6 +58,11 @@ impl TestProxy {
         self.addr.port()
     }
 
+    /// The shard map file the proxy was started with (edit it to test reloads).
+    pub fn map_file(&self) -> PathBuf {
+        self._dir.0.join("map.yaml")
+    }
+
     /// A libpq/tokio-postgres connection string for the app user through the proxy.
     pub fn dsn(&self) -> String {
         format!(

@@ -46,14 +46,7 @@ pub struct ClientUser {
     pub scram: ScramSecret,
 }
 
-/// A node of a shard: index 0 the primary, then the replicas.
-#[derive(Debug, Clone)]
-pub struct BackendNode {
-    pub host: String,
-    pub port: u16,
-    pub user: Option<String>,
-    pub password: Option<String>,
-}
+pub use crate::topology::{BackendNode, ShardRuntime, Topology};
 
 /// Everything sessions share. Immutable after start-up except the pools and
 /// registries, which synchronise internally.
@@ -63,12 +56,8 @@ pub struct Frontend {
     /// Used for unknown users, so they go through the same exchange and fail the same
     /// way as a wrong password (no user enumeration).
     pub decoy: ScramSecret,
-    /// The map's shards in its (name) order: routing names shards by this index.
-    pub shards: Vec<ShardRuntime>,
-    /// Index of the map's `default_shard` in `shards`.
-    pub default_shard: usize,
-    /// The shard map routing follows.
-    pub map: std::sync::Arc<crate::shard_map::ShardMap>,
+    /// The shard map and its shards; swapped whole by a reload.
+    pub topology: arc_swap::ArcSwap<Topology>,
     /// Simple-query analysis by statement text.
     pub analysis: AnalysisCache,
     /// Sharded maps: where each statement shape's keys are (`routing::shard_plan`).
@@ -87,24 +76,34 @@ pub struct Frontend {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// One shard as the data path uses it.
-pub struct ShardRuntime {
-    pub name: String,
-    /// Index 0 the primary, then the replicas in map order.
-    pub nodes: Vec<BackendNode>,
-    /// Node health and lag, published by this shard's monitor.
-    pub fresh: SharedFreshness,
-}
-
 impl Frontend {
-    /// The default shard's freshness (the only shard's, for an unsharded map).
-    pub fn default_fresh(&self) -> &SharedFreshness {
-        &self.shards[self.default_shard].fresh
+    /// A user's pools for every node of every shard of `topology`, per shard. Pools are
+    /// cheap until used: connections open on first acquire.
+    pub fn pools_for(
+        &self,
+        user: &str,
+        topology: &Topology,
+    ) -> Vec<Vec<std::sync::Arc<crate::backend::Pool>>> {
+        topology
+            .shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .nodes
+                    .iter()
+                    .map(|node| {
+                        self.pools
+                            .get(&self.server_target(user, node), &self.settings.pool)
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
-    /// Whether routing has to look for shard keys at all.
-    pub fn sharded(&self) -> bool {
-        self.shards.len() > 1
+    /// The default shard's freshness (the only shard's, for an unsharded map).
+    pub fn default_fresh(&self) -> SharedFreshness {
+        let topology = self.topology.load();
+        topology.shards[topology.default_shard].fresh.clone()
     }
 
     /// The server identity a client's pool connects with: credentials from the node

@@ -318,22 +318,9 @@ async fn run_session(
     shutdown: watch::Receiver<bool>,
 ) {
     let mut stream = stream;
-    // Pools are cheap until used: connections open on first acquire.
-    let pools: Vec<Vec<_>> = fe
-        .shards
-        .iter()
-        .map(|shard| {
-            shard
-                .nodes
-                .iter()
-                .map(|node| {
-                    fe.pools
-                        .get(&fe.server_target(&user, node), &fe.settings.pool)
-                })
-                .collect()
-        })
-        .collect();
-    let server_params = match pools[fe.default_shard][0].server_params().await {
+    let topology = fe.topology.load_full();
+    let pools = fe.pools_for(&user, &topology);
+    let server_params = match pools[topology.default_shard][0].server_params().await {
         Ok(p) => p,
         Err(error) => {
             let error = LoginError::Refused(
@@ -357,6 +344,8 @@ async fn run_session(
     }
     let init = SessionInit {
         fe: fe.clone(),
+        user,
+        topology,
         pools,
         params,
         cancel: cancel.slot.clone(),

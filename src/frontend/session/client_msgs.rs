@@ -66,6 +66,7 @@ where
         if self.batch.is_some() && self.on_batch_frame(frame).await? {
             return Ok(true);
         }
+        self.refresh_topology();
         {
             match frame.tag {
                 tag::QUERY => self.on_query(frame).await?,
@@ -175,7 +176,7 @@ where
         } else {
             session_sql::analyze(sql)
         };
-        if self.fe.sharded() && self.route_sharded_query(sql, &analyzed).await? {
+        if self.topo.sharded() && self.route_sharded_query(sql, &analyzed).await? {
             return Ok(());
         }
         self.ensure_server(Some(&analyzed)).await?;
@@ -382,7 +383,7 @@ where
             // The portal name now means another statement, which the server runs.
             self.target_portal = None;
         }
-        if let (true, Some(stmt)) = (self.fe.sharded(), &stmt) {
+        if let (true, Some(stmt)) = (self.topo.sharded(), &stmt) {
             if !self.route_sharded_bind(stmt, &bind).await? {
                 return Ok(true);
             }

@@ -209,7 +209,7 @@ where
             }
             leg.rx.close();
             if let Err(error) = leg.join().await {
-                tracing::warn!(%error, shard = %self.fe.shards[leg.shard].name, "leg failed");
+                tracing::warn!(%error, shard = %self.topo.shards[leg.shard].name, "leg failed");
             }
         }
     }
@@ -270,7 +270,7 @@ where
                     // The task ended: normally after its CommandComplete or error,
                     // which the merger has; a failed connection says so here.
                     if let Err(error) = running[i].join().await {
-                        let name = &self.fe.shards[running[i].shard].name;
+                        let name = &self.topo.shards[running[i].shard].name;
                         let _ = merger.push(i, &leg_failure(name, &error));
                     }
                 }
@@ -350,7 +350,7 @@ where
         let mut conns = Vec::with_capacity(running.len());
         let mut failure: Option<Bytes> = None;
         for (mut leg, frames) in running.into_iter().zip(&answers) {
-            let name = &self.fe.shards[leg.shard].name;
+            let name = &self.topo.shards[leg.shard].name;
             if let Some(task) = leg.task.take() {
                 match task.await {
                     Ok(Ok(conn)) => conns.push(conn),

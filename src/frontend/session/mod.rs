@@ -142,6 +142,10 @@ enum Event {
 
 pub struct Session<R, W> {
     fe: Arc<Frontend>,
+    user: String,
+    /// The topology this session routes by; refreshed between transactions when a
+    /// reload published a new one.
+    topo: Arc<crate::topology::Topology>,
     rd: R,
     wr: W,
     /// Client bytes not yet decoded, and bytes queued to the client / to the server.
@@ -213,6 +217,9 @@ pub struct Session<R, W> {
 
 pub struct SessionInit {
     pub fe: Arc<Frontend>,
+    pub user: String,
+    /// The topology the pools were made for.
+    pub topology: Arc<crate::topology::Topology>,
     pub pools: Vec<Vec<Arc<Pool>>>,
     pub params: SessionParams,
     pub cancel: Arc<CancelSlot>,
@@ -229,9 +236,11 @@ where
             PoolMode::Transaction => TargetMode::Auto,
             PoolMode::Session => TargetMode::Primary,
         };
-        let default_shard = init.fe.default_shard;
+        let default_shard = init.topology.default_shard;
         Session {
             fe: init.fe,
+            user: init.user,
+            topo: init.topology,
             rd,
             wr,
             cbuf: leftover,
@@ -529,7 +538,7 @@ where
         let analyzed = analyzed.unwrap_or(&UNANALYZED);
         let pools = &self.pools[shard];
         loop {
-            let fresh = self.fe.shards[shard].fresh.load();
+            let fresh = self.topo.shards[shard].fresh.load();
             // On the stack: no allocation per transaction. Nodes past 16 count as idle.
             let mut load = [0usize; 16];
             for (slot, pool) in load.iter_mut().zip(pools) {
@@ -584,6 +593,26 @@ where
         }
     }
 
+    /// Between transactions: take the newest topology (a reload re-points sessions at
+    /// their next transaction; shard indexes stay fixed within one).
+    fn refresh_topology(&mut self) {
+        if self.server.is_some()
+            || self.pending_begin.is_some()
+            || self.batch.is_some()
+            || !self.ops.is_empty()
+        {
+            return;
+        }
+        let current = self.fe.topology.load();
+        if current.generation == self.topo.generation {
+            return;
+        }
+        self.topo = arc_swap::Guard::into_inner(current);
+        self.pools = self.fe.pools_for(&self.user, &self.topo);
+        self.next_shard = self.topo.default_shard;
+        self.server_shard = self.topo.default_shard;
+    }
+
     /// Transaction pooling: give the server back as soon as it is idle and we owe
     /// nothing to either side.
     async fn maybe_release(&mut self) {
@@ -616,7 +645,7 @@ where
         self.cancel.set(None);
         self.replay = None;
         self.failed_nodes = 0;
-        self.next_shard = self.fe.default_shard;
+        self.next_shard = self.topo.default_shard;
         if self.hold_wrote && self.server_node == PRIMARY && self.fe.settings.read_your_writes {
             // The transaction's commit is behind us (the server said idle): any primary
             // position the monitor observes from now on includes it. No round trip.

@@ -65,7 +65,7 @@ where
             .get_or_compute(sql, |text| Arc::new(shard_plan::plan(text)));
         let spans = shard_plan::literal_spans(sql).unwrap_or_default();
         let values = Values::simple(sql, &spans);
-        let target = shard_plan::route(&plan, &self.fe.map, &values);
+        let target = shard_plan::route(&plan, &self.topo.map, &values);
         let placement = match &target {
             Target::Refuse(why) if why.contains("column list") => {
                 match self.with_column_list(sql).await? {
@@ -74,7 +74,7 @@ where
                         let plan = Arc::new(shard_plan::plan(&named));
                         let spans = shard_plan::literal_spans(&named).unwrap_or_default();
                         let values = Values::simple(&named, &spans);
-                        let target = shard_plan::route(&plan, &self.fe.map, &values);
+                        let target = shard_plan::route(&plan, &self.topo.map, &values);
                         self.place(&plan, target, &named, &values).await?
                     }
                     None => self.place(&plan, target, sql, &values).await?,
@@ -117,7 +117,7 @@ where
              WHERE attrelid = to_regclass({}) AND attnum > 0 AND NOT attisdropped",
             crate::backend::params::quote_literal(&table)
         );
-        let default = self.fe.default_shard;
+        let default = self.topo.default_shard;
         let mut conn = self.borrow_for_leg(default, &super::fanout::WRITE).await?;
         let columns = conn.query_scalar(&lookup).await;
         conn.release();
@@ -162,10 +162,10 @@ where
             param_formats: &params.formats,
             param_types: &stmt.param_types,
         };
-        let target = shard_plan::route(&plan, &self.fe.map, &values);
+        let target = shard_plan::route(&plan, &self.topo.map, &values);
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
-            Target::Default => self.fe.default_shard,
+            Target::Default => self.topo.default_shard,
             Target::AnyOne => self.current_shard(),
             Target::Shards(shards) if shards.len() == 1 => shards[0],
             Target::Refuse(message) => return self.refuse_extended(&message).await,
@@ -190,7 +190,7 @@ where
         if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
             let message = format!(
                 "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
-                self.fe.shards[self.server_shard].name, self.fe.shards[one].name
+                self.topo.shards[self.server_shard].name, self.topo.shards[one].name
             );
             return self.refuse_extended(&message).await;
         }
@@ -208,7 +208,7 @@ where
         values: &Values<'_>,
         target: Target,
     ) -> Result<bool, SessionError> {
-        let all = || (0..self.fe.shards.len()).collect::<Vec<_>>();
+        let all = || (0..self.topo.shards.len()).collect::<Vec<_>>();
         let (shards, write, rows) = match &target {
             Target::Shards(shards) => (shards.clone(), !plan.is_read(), None),
             Target::All { write } => (all(), *write, None),
@@ -266,7 +266,7 @@ where
             close: false,
             done: false,
             combine: match target {
-                Target::All { .. } => combine_for(plan, &self.fe.map),
+                Target::All { .. } => combine_for(plan, &self.topo.map),
                 _ => Combine::Sum,
             },
         });
@@ -418,7 +418,7 @@ where
         if self.server.is_some() {
             self.server_shard
         } else {
-            self.fe.default_shard
+            self.topo.default_shard
         }
     }
 
@@ -433,7 +433,7 @@ where
         let in_transaction = self.server.is_some() || self.pending_begin.is_some();
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
-            Target::Default => self.fe.default_shard,
+            Target::Default => self.topo.default_shard,
             Target::AnyOne => self.current_shard(),
             Target::Shards(shards) if shards.len() == 1 => shards[0],
             Target::Refuse(message) => return self.refused(&message).await,
@@ -448,14 +448,14 @@ where
             }
             Target::Shards(shards) => return self.read_across(plan, shards, sql, values).await,
             Target::All { write: false } => {
-                let all = (0..self.fe.shards.len()).collect();
+                let all = (0..self.topo.shards.len()).collect();
                 return self.read_across(plan, all, sql, values).await;
             }
             Target::All { write: true } => {
-                let legs = (0..self.fe.shards.len())
+                let legs = (0..self.topo.shards.len())
                     .map(|shard| Leg::simple(shard, sql))
                     .collect();
-                let combine = combine_for(plan, &self.fe.map);
+                let combine = combine_for(plan, &self.topo.map);
                 self.fan_out_write(legs, combine).await?;
                 self.ready_idle();
                 return Ok(Placement::Answered);
@@ -475,7 +475,7 @@ where
         if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
             let message = format!(
                 "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
-                self.fe.shards[self.server_shard].name, self.fe.shards[one].name
+                self.topo.shards[self.server_shard].name, self.topo.shards[one].name
             );
             return self.refused(&message).await;
         }
@@ -583,7 +583,7 @@ where
             return Ok(());
         }
         if self.server.is_none() {
-            self.next_shard = self.fe.default_shard;
+            self.next_shard = self.topo.default_shard;
             self.ensure_server(None).await?;
         }
         messages::query(&mut self.sout, &raise_sql(message));
