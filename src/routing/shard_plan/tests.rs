@@ -754,3 +754,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn bigint_minimum_written_as_minus_literal_is_a_key() {
+    // PostgreSQL folds `-9223372036854775808` into bigint although the literal alone
+    // is one past i64::MAX (found by the differential test).
+    let want = one(shard_of(i64::MIN));
+    assert_eq!(
+        simple("SELECT * FROM users WHERE id = -9223372036854775808"),
+        want
+    );
+    assert_eq!(
+        simple("INSERT INTO users (id, name) VALUES (-9223372036854775808, 'x')"),
+        want
+    );
+    // Out of bigint's range either way: no key.
+    for sql in [
+        "INSERT INTO users (id, name) VALUES (9223372036854775808, 'x')",
+        "INSERT INTO users (id, name) VALUES (- -9223372036854775808, 'x')",
+        "INSERT INTO users (id, name) VALUES (-9223372036854775809, 'x')",
+    ] {
+        refused(&simple(sql), "cannot tell the shard");
+    }
+}

@@ -145,22 +145,24 @@ pub(super) type Decoded<T> = Option<Option<T>>;
 
 /// An integer key (smallint/integer/bigint).
 pub(super) fn int_of(raw: Raw, val: &Val) -> Decoded<i64> {
+    // Wider than the key so that `-9223372036854775808` (minus applied to a literal
+    // one past i64::MAX, which PostgreSQL folds into bigint's minimum) is a key.
     let v = match raw {
         Raw::Null => return Some(None),
-        Raw::Text(t) => parse_int(&t)?,
-        Raw::Binary(b, oid) => binary_int(b, oid)?,
+        Raw::Text(t) => parse_wide_int(&t)?,
+        Raw::Binary(b, oid) => i128::from(binary_int(b, oid)?),
     };
-    let v = if val.negate { v.checked_neg()? } else { v };
-    Some(Some(v))
+    let v = if val.negate { -v } else { v };
+    i64::try_from(v).ok().map(Some)
 }
 
 /// int2/int4/int8 text input: optional sign, digits, surrounding blanks allowed.
-pub(super) fn parse_int(text: &str) -> Option<i64> {
+fn parse_wide_int(text: &str) -> Option<i128> {
     let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if t.is_empty() || t.contains('_') {
         return None;
     }
-    t.parse::<i64>().ok()
+    t.parse::<i128>().ok()
 }
 
 fn binary_int(b: &[u8], oid: u32) -> Option<i64> {
