@@ -45,8 +45,12 @@ pub struct PreparedStatement {
     stale: AtomicBool,
     /// The registry epoch it was registered in.
     epoch: u64,
-    /// Sharded maps: where the statement's keys are, planned on first use.
-    shard_plan: OnceLock<Arc<crate::routing::shard_plan::ShardPlan>>,
+    /// Sharded maps: where the statement's keys are, planned on first use, with the
+    /// byte ranges of its literals (a literal key or LIMIT is read from the text).
+    shard_plan: OnceLock<(
+        Arc<crate::routing::shard_plan::ShardPlan>,
+        Vec<std::ops::Range<usize>>,
+    )>,
 }
 
 impl PreparedStatement {
@@ -63,10 +67,19 @@ impl PreparedStatement {
         self.stale.load(Ordering::Relaxed)
     }
 
-    /// The statement's shard plan (sharded maps only), made once.
-    pub fn shard_plan(&self) -> &Arc<crate::routing::shard_plan::ShardPlan> {
-        self.shard_plan
-            .get_or_init(|| Arc::new(crate::routing::shard_plan::plan(&self.query)))
+    /// The statement's shard plan and literal spans (sharded maps only), made once.
+    pub fn shard_plan(
+        &self,
+    ) -> (
+        &Arc<crate::routing::shard_plan::ShardPlan>,
+        &[std::ops::Range<usize>],
+    ) {
+        let (plan, spans) = self.shard_plan.get_or_init(|| {
+            let plan = Arc::new(crate::routing::shard_plan::plan(&self.query));
+            let spans = crate::routing::shard_plan::literal_spans(&self.query).unwrap_or_default();
+            (plan, spans)
+        });
+        (plan, spans)
     }
 
     pub fn is_validated(&self) -> bool {
@@ -183,9 +196,11 @@ impl Registry {
     }
 }
 
-/// A result shape: a hash of a RowDescription (or NoData) with the per-column format
-/// codes left out, so a statement's description (formats unknown, all zero) and a
-/// portal's (the client's chosen formats) compare equal when the columns are the same.
+/// A result shape: a hash of a RowDescription (or NoData) by column names and types
+/// only. Format codes are left out, so a statement's description (formats unknown, all
+/// zero) and a portal's (the client's chosen formats) compare equal; so are the source
+/// table's OID and column number, which differ between shards (each shard's table is
+/// its own object) while the result is the same.
 pub fn shape_of(message: &[u8]) -> u64 {
     use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -203,9 +218,12 @@ pub fn shape_of(message: &[u8]) -> u64 {
             .iter()
             .position(|&b| b == 0)
             .map_or(body.len(), |p| at + p + 1);
-        let fixed_end = (name_end + 16).min(body.len());
-        h.write(&body[at..fixed_end]);
-        at = (fixed_end + 2).min(body.len());
+        h.write(&body[at..name_end]);
+        // Skip table OID (4) and column number (2); keep type OID, size and modifier.
+        let types = (name_end + 6).min(body.len());
+        let types_end = (types + 10).min(body.len());
+        h.write(&body[types..types_end]);
+        at = (types_end + 2).min(body.len());
     }
     h.finish()
 }
@@ -258,6 +276,18 @@ mod tests {
         msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
         msg.extend_from_slice(&body);
         msg
+    }
+
+    #[test]
+    fn shapes_ignore_the_source_table() {
+        let mut other_shard = row_description(&[("a", 23, 0), ("b", 23, 0)]);
+        // Same columns, another table OID and column numbers (another shard's table).
+        let first_column = 5 + 2 + 2;
+        other_shard[first_column..first_column + 6].copy_from_slice(&[0, 0, 0x40, 0x12, 0, 7]);
+        assert_eq!(
+            shape_of(&other_shard),
+            shape_of(&row_description(&[("a", 23, 0), ("b", 23, 0)]))
+        );
     }
 
     #[test]

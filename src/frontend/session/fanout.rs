@@ -130,17 +130,24 @@ struct Running {
     cancel: (String, u16, (u32, u32)),
     /// The leg's channel closed: its task has ended or is about to.
     done: bool,
+    /// The leg's final answer (CommandComplete or ErrorResponse) has been received:
+    /// nothing runs on its server any more, and it must not be cancelled.
+    answered: bool,
 }
 
 impl Running {
-    /// Waits for the leg's task; its connection goes back to the pool when idle.
-    async fn join(&mut self) -> Result<(), BackendError> {
+    /// Waits for the leg's task; its connection goes back to the pool when idle,
+    /// unless `pool` is false (a cancel may still be on its way to that server and
+    /// would hit the next statement run there: the connection is closed instead).
+    async fn join(&mut self, pool: bool) -> Result<(), BackendError> {
         let Some(task) = self.task.take() else {
             return Ok(());
         };
         match task.await {
             Ok(Ok(conn)) => {
-                conn.release();
+                if pool {
+                    conn.release();
+                }
                 Ok(())
             }
             Ok(Err(error)) => Err(error),
@@ -192,6 +199,7 @@ where
                 task: Some(task),
                 cancel,
                 done: false,
+                answered: false,
             });
         }
         Ok(running)
@@ -201,14 +209,15 @@ where
     /// its pool if the server is idle (it is closed otherwise).
     async fn finish_legs(&mut self, legs: Vec<Running>) {
         for mut leg in legs {
-            if !leg.done && leg.task.is_some() {
+            let cancel = !leg.done && !leg.answered && leg.task.is_some();
+            if cancel {
                 let (host, port, key) = leg.cancel.clone();
                 tokio::spawn(async move {
                     let _ = crate::backend::conn::send_cancel(&host, port, key).await;
                 });
             }
             leg.rx.close();
-            if let Err(error) = leg.join().await {
+            if let Err(error) = leg.join(!cancel).await {
                 tracing::warn!(%error, shard = %self.topo.shards[leg.shard].name, "leg failed");
             }
         }
@@ -251,6 +260,12 @@ where
                         )
                     ) => {}
                 Some(frame) => {
+                    if matches!(
+                        frame.first(),
+                        Some(&(btag::COMMAND_COMPLETE | btag::ERROR_RESPONSE))
+                    ) {
+                        running[i].answered = true;
+                    }
                     if let Err(error) = merger.push(i, &frame) {
                         tracing::warn!(%error, "cross-shard merge failed");
                         let (code, text) = merge_error(&error);
@@ -269,7 +284,7 @@ where
                     running[i].done = true;
                     // The task ended: normally after its CommandComplete or error,
                     // which the merger has; a failed connection says so here.
-                    if let Err(error) = running[i].join().await {
+                    if let Err(error) = running[i].join(true).await {
                         let name = &self.topo.shards[running[i].shard].name;
                         let _ = merger.push(i, &leg_failure(name, &error));
                     }

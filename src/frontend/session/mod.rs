@@ -8,6 +8,7 @@
 //! side is above `OUT_LIMIT`, so a slow reader backs pressure up to the producer and
 //! memory stays bounded per session.
 
+mod batch;
 mod client_msgs;
 mod fanout;
 mod server_msgs;
@@ -101,25 +102,6 @@ enum Op {
     Synthetic(Bytes),
 }
 
-/// An extended-protocol batch collected to run on several shards at its Sync.
-#[derive(Clone)]
-pub(super) struct ExtendedFanOut {
-    shards: Vec<usize>,
-    /// Reads: how results merge. Writes: None.
-    merge: Option<crate::merge::MergePlan>,
-    /// The text the shards run (rewritten for merging when needed).
-    text: String,
-    param_types: Vec<u32>,
-    /// The client's Bind after its portal and statement names.
-    bind_rest: Bytes,
-    portal: String,
-    describe: bool,
-    execute: bool,
-    close: bool,
-    done: bool,
-    combine: fanout::Combine,
-}
-
 /// A shape check the client's frames wait for: the statement re-created on the held
 /// connection must describe the shape clients were given.
 struct Gate {
@@ -160,7 +142,7 @@ pub struct Session<R, W> {
     server_node: usize,
     /// Sharded maps: an extended-protocol statement for several shards, collected
     /// until the client's Sync.
-    batch: Option<ExtendedFanOut>,
+    batch: Option<batch::ExtendedFanOut>,
     /// Sharded maps: a `BEGIN` the proxy answered without a server, because the shard
     /// of the transaction is known only at its first statement; it is sent (its answer
     /// hidden) on the connection that statement borrows.
