@@ -41,6 +41,8 @@ pub enum AppError {
 /// A running proxy. Dropping the handle does not stop it; call `shutdown`.
 pub struct ProxyHandle {
     pub local_addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` answer (None: `metrics` not set).
+    pub metrics_addr: Option<SocketAddr>,
     pub frontend: Arc<Frontend>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -175,6 +177,11 @@ pub fn build_frontend(
         statements: Default::default(),
         cancels: Default::default(),
         tls: load_tls(config)?,
+        admin: crate::admin::AdminState::new(config),
+        clients: Default::default(),
+        // A paused shard holds a new transaction as long as a pool would.
+        pauses: crate::admin::pause::Pauses::new(config.pool.acquire_timeout),
+        metrics: Default::default(),
     })
 }
 
@@ -238,6 +245,16 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         settings,
         monitors,
     ));
+    frontend.admin.set_reloader(&reloader);
+    let metrics_addr = match config.metrics {
+        Some(addr) => {
+            let (bound, _task) = crate::admin::http::spawn(addr, frontend.clone(), rx.clone())
+                .await
+                .map_err(|e| AppError::Bind(addr, e))?;
+            Some(bound)
+        }
+        None => None,
+    };
     let triggers = reload::spawn_triggers(reloader.clone(), rx.clone());
     let listener = Listener {
         listener,
@@ -253,6 +270,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
     tracing::info!(%local_addr, database = %map.database, "shardgate listening");
     Ok(ProxyHandle {
         local_addr,
+        metrics_addr,
         frontend,
         shutdown: tx,
         task,

@@ -12,6 +12,7 @@
 //! everything together and owns shutdown; `demo` and `local_cluster` run a local
 //! cluster for the two-command promise.
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;

@@ -152,7 +152,12 @@ impl Pool {
     }
 
     pub fn in_use(&self) -> usize {
-        self.settings.size - self.permits.available_permits() - self.idle_count()
+        // Saturating: a released connection is pushed to `idle` just before its
+        // permit is returned, so for a moment it counts both ways.
+        self.settings
+            .size
+            .saturating_sub(self.permits.available_permits())
+            .saturating_sub(self.idle_count())
     }
 }
 

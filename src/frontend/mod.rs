@@ -74,6 +74,15 @@ pub struct Frontend {
     pub statements: prepared::StatementRegistry,
     pub cancels: cancel::CancelRegistry,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    // ---- admin console and metrics (src/admin) ----
+    /// Console credentials, control-plane hooks (reload, promote), reload record.
+    pub admin: crate::admin::AdminState,
+    /// Logged-in clients (`SHOW CLIENTS`, client gauges).
+    pub clients: crate::admin::clients::ClientRegistry,
+    /// `PAUSE`/`RESUME`: sessions wait here before a new transaction.
+    pub pauses: crate::admin::pause::Pauses,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: crate::admin::metrics::Metrics,
 }
 
 impl Frontend {

@@ -70,7 +70,22 @@ pub async fn serve(
         tracing::Span::current()
             .record("user", user.as_str())
             .record("db", database.as_str());
-        run_session(stream, buf, fe, user, params, shutdown).await;
+        // Admin console (src/admin): the virtual database, served here.
+        let client = crate::admin::clients::ClientInfo {
+            addr: peer,
+            user: user.clone(),
+            database: database.clone(),
+            tls: matches!(stream, ClientStream::Tls(_)),
+            pid: 0,
+            server: None,
+            connected_at: std::time::SystemTime::now(),
+        };
+        if database == crate::admin::CONSOLE_DATABASE {
+            let _registered = fe.clients.register(client);
+            crate::admin::console::run(&mut stream, buf, fe.clone(), shutdown).await;
+            return;
+        }
+        run_session(stream, buf, fe, user, params, shutdown, client).await;
         drop(permit);
     }
     .instrument(span)
@@ -130,7 +145,28 @@ async fn login(
             "replication connections are not supported".into(),
         ));
     }
-    authenticate(stream, buf, fe, &user).await?;
+    // Admin console (src/admin): only the admin's credentials; an app user who
+    // proves its password is told it may not, anyone else that the password failed.
+    if database == crate::admin::CONSOLE_DATABASE {
+        let secret = fe
+            .admin
+            .secret_for(&user)
+            .or_else(|| fe.users.get(&user).map(|u| &u.scram));
+        authenticate(stream, buf, fe, &user, secret).await?;
+        if fe.admin.secret_for(&user).is_none() {
+            return Err(LoginError::Refused(
+                "28000",
+                format!("user \"{user}\" may not use the admin console"),
+            ));
+        }
+        return Ok(Some(Login {
+            user,
+            database,
+            params: SessionParams::default(),
+        }));
+    }
+    let secret = fe.users.get(&user).map(|u| &u.scram);
+    authenticate(stream, buf, fe, &user, secret).await?;
     if database != fe.settings.database {
         return Err(LoginError::Refused(
             "3D000",
@@ -213,12 +249,14 @@ async fn read_auth_frame(
     }
 }
 
-/// SCRAM-SHA-256. Unknown users run the same exchange against a decoy secret.
+/// SCRAM-SHA-256 against `secret`. Unknown users (None) run the same exchange
+/// against a decoy secret.
 async fn authenticate(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     fe: &Frontend,
     user: &str,
+    secret: Option<&scram::ScramSecret>,
 ) -> Result<(), LoginError> {
     let failed = || {
         LoginError::Refused(
@@ -226,7 +264,8 @@ async fn authenticate(
             format!("password authentication failed for user \"{user}\""),
         )
     };
-    let secret = fe.users.get(user).map_or(&fe.decoy, |u| &u.scram);
+    let known = secret.is_some();
+    let secret = secret.unwrap_or(&fe.decoy);
     let mut out = BytesMut::new();
     messages::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
     stream.write_all(&out).await?;
@@ -250,7 +289,7 @@ async fn authenticate(
     let server_final = exchange
         .server_final(secret, frame.body())
         .map_err(|_| failed())?;
-    if !fe.users.contains_key(user) {
+    if !known {
         return Err(failed());
     }
     out.clear();
@@ -316,6 +355,7 @@ async fn run_session(
     user: String,
     params: SessionParams,
     shutdown: watch::Receiver<bool>,
+    client: crate::admin::clients::ClientInfo,
 ) {
     let mut stream = stream;
     let topology = fe.topology.load_full();
@@ -332,6 +372,11 @@ async fn run_session(
         }
     };
     let cancel = fe.cancels.register();
+    let _registered = fe.clients.register(crate::admin::clients::ClientInfo {
+        pid: cancel.pid,
+        server: Some(cancel.slot.clone()),
+        ..client
+    });
     let mut out = BytesMut::new();
     for (name, value) in server_params.iter() {
         let ours = params.get(&name.to_ascii_lowercase()).map(unquote);
