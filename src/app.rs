@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use arc_swap::ArcSwap;
 
+pub mod failover;
 pub mod reload;
 
 use crate::backend::{PoolSettings, Pools};
@@ -48,9 +49,19 @@ pub struct ProxyHandle {
     task: JoinHandle<()>,
     /// Owns the shards' monitors; reloads the shard map.
     reloader: Arc<reload::Reloader>,
+    failover: Arc<failover::Failover>,
 }
 
 impl ProxyHandle {
+    /// Promotes a replica of `shard` (`node` as `host:port`, or the most advanced).
+    pub async fn promote(
+        &self,
+        shard: &str,
+        node: Option<&str>,
+    ) -> Result<failover::Promotion, failover::FailoverError> {
+        self.failover.promote(shard, node, true).await
+    }
+
     /// Reads the shard map file again and applies it when it may be applied (what
     /// SIGHUP and a change of the file do).
     pub async fn reload(&self) -> Result<reload::ReloadOutcome, reload::ReloadError> {
@@ -154,11 +165,15 @@ pub fn build_frontend(
         login_timeout: config.limits.login_timeout,
         database: map.database.clone(),
         read_your_writes: config.routing.read_your_writes,
+        failover_buffer: config.failover.auto.then_some(config.failover.buffer),
     };
     Ok(Frontend {
         settings,
         users,
         decoy: ScramSecret::new("decoy"),
+        topology_published: tokio::sync::watch::Sender::new(0),
+        fenced: Default::default(),
+        failovers_running: Default::default(),
         topology: ArcSwap::from_pointee(Topology {
             default_shard: shards
                 .iter()
@@ -256,6 +271,15 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         None => None,
     };
     let triggers = reload::spawn_triggers(reloader.clone(), rx.clone());
+    let failover = Arc::new(failover::Failover::new(
+        frontend.clone(),
+        config.clone(),
+        reloader.clone(),
+    ));
+    let supervisor = config
+        .failover
+        .auto
+        .then(|| failover::spawn_supervisor(failover.clone(), rx.clone()));
     let listener = Listener {
         listener,
         fe: frontend.clone(),
@@ -266,6 +290,9 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         listener.run(rx, grace).await;
         reaper.abort();
         triggers.abort();
+        if let Some(supervisor) = supervisor {
+            supervisor.abort();
+        }
     });
     tracing::info!(%local_addr, database = %map.database, "shardgate listening");
     Ok(ProxyHandle {
@@ -275,6 +302,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         shutdown: tx,
         task,
         reloader,
+        failover,
     })
 }
 

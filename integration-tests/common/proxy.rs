@@ -24,6 +24,11 @@ pub struct ProxyOptions {
     pub max_replica_lag_bytes: &'static str,
     pub lag_check_interval: &'static str,
     pub read_your_writes: bool,
+    /// More users after the app user, as (name, password).
+    pub extra_users: Vec<(String, String)>,
+    /// YAML appended to shardgate.yaml as is (top-level keys not written above, such
+    /// as `failover:` or `control:`).
+    pub extra: String,
 }
 
 impl Default for ProxyOptions {
@@ -40,6 +45,8 @@ impl Default for ProxyOptions {
             max_replica_lag_bytes: "16MB",
             lag_check_interval: "100ms",
             read_your_writes: true,
+            extra_users: Vec::new(),
+            extra: String::new(),
         }
     }
 }
@@ -178,6 +185,13 @@ pub fn write_config_with_map(
         cluster.app_user,
         cluster.app_password,
     );
+    let mut config = config;
+    for (name, password) in &opts.extra_users {
+        let line = format!("  - {{ name: {name}, password: {password} }}\n");
+        let at = config.find("shard_map:").unwrap_or(config.len());
+        config.insert_str(at, &line);
+    }
+    config.push_str(&opts.extra);
     std::fs::write(dir.0.join("map.yaml"), map).expect("write map");
     std::fs::write(dir.0.join("shardgate.yaml"), config).expect("write config");
     let path = dir.0.join("shardgate.yaml");

@@ -109,7 +109,9 @@ impl Reloader {
             });
         }
         let topology = self.build(&current, &map);
+        let generation = topology.generation;
         self.fe.topology.store(Arc::new(topology));
+        self.fe.topology_published.send_replace(generation);
         tracing::info!(from, to = map.version, file = %self.config.shard_map.display(), "shard map reloaded");
         Ok(ReloadOutcome::Applied {
             from,

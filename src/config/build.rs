@@ -295,5 +295,6 @@ fn failover(raw: RawFailover) -> Result<FailoverConfig, Issue> {
         auto: raw.auto.unwrap_or(d.auto),
         // Zero would promote on the first missed health check, i.e. on any network blip.
         after: positive_duration(raw.after.as_ref(), "failover.after", d.after)?,
+        buffer: positive_duration(raw.buffer.as_ref(), "failover.buffer", d.buffer)?,
     })
 }

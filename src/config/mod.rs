@@ -122,6 +122,9 @@ pub struct FailoverConfig {
     pub auto: bool,
     /// How long a primary must be unreachable before automatic promotion.
     pub after: Duration,
+    /// How long a write waits for its shard's new primary while a failover runs,
+    /// before it fails with 57P03.
+    pub buffer: Duration,
 }
 
 impl Default for AdminConfig {
@@ -173,6 +176,7 @@ impl Default for FailoverConfig {
         FailoverConfig {
             auto: false,
             after: Duration::from_secs(3),
+            buffer: Duration::from_secs(10),
         }
     }
 }

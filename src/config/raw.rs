@@ -86,4 +86,5 @@ pub(crate) struct RawRouting {
 pub(crate) struct RawFailover {
     pub auto: Option<bool>,
     pub after: Option<Text>,
+    pub buffer: Option<Text>,
 }

@@ -37,6 +37,9 @@ pub struct FrontendSettings {
     pub database: String,
     /// DESIGN 5.3: after a write commits, reads wait for replicas that replayed it.
     pub read_your_writes: bool,
+    /// With automatic failover: how long a write waits for its shard's new primary
+    /// (`failover.buffer`) before 57P03. None: writes fail at once.
+    pub failover_buffer: Option<Duration>,
 }
 
 /// A user clients may log in as. The password is kept to authenticate to servers
@@ -58,6 +61,14 @@ pub struct Frontend {
     pub decoy: ScramSecret,
     /// The shard map and its shards; swapped whole by a reload.
     pub topology: arc_swap::ArcSwap<Topology>,
+    /// The generation of the last published topology: sessions waiting for a shard's
+    /// new primary wait on it.
+    pub topology_published: tokio::sync::watch::Sender<u64>,
+    /// Old primaries taken out of the map by a promotion: (shard, host:port). The proxy
+    /// never routes to them again.
+    pub fenced: std::sync::Mutex<Vec<(String, String)>>,
+    /// Promotions running now.
+    pub failovers_running: AtomicUsize,
     /// Simple-query analysis by statement text.
     pub analysis: AnalysisCache,
     /// Sharded maps: where each statement shape's keys are (`routing::shard_plan`).

@@ -75,6 +75,27 @@ impl fmt::Display for NodeAddr {
     }
 }
 
+impl NodeAddr {
+    /// The address as the map file writes it, password included (for writing the map
+    /// back after a promotion; never for logs or the console, which use `Display`).
+    pub fn to_map_text(&self) -> String {
+        let shown = self.to_string();
+        let Some(password) = &self.password else {
+            return shown;
+        };
+        let user = self.user.as_deref().map(encode).unwrap_or_default();
+        let mut out = format!("postgres://{user}:{}@{}", encode(password), self.endpoint());
+        if let Some(db) = &self.dbname {
+            out.push_str(&format!("/{}", encode(db)));
+        }
+        for (i, (key, value)) in self.options.iter().enumerate() {
+            let sep = if i == 0 { '?' } else { '&' };
+            out.push_str(&format!("{sep}{}={}", encode(key), encode(value)));
+        }
+        out
+    }
+}
+
 impl FromStr for NodeAddr {
     type Err = String;
 

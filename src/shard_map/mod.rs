@@ -15,6 +15,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 pub mod time;
+mod write;
 pub(crate) mod yaml;
 
 use std::collections::BTreeMap;

@@ -442,8 +442,17 @@ where
         // An explicit transaction is routed by its BEGIN (primary unless READ ONLY).
         let begin = self.pending_begin.as_ref().map(|(_, a)| *a);
         let analyzed = begin.as_ref().or(analyzed);
+        let mut waiting_since = None;
         let (node, conn) = loop {
-            let (node, mut conn) = self.acquire_routed(analyzed, shard).await?;
+            let (node, mut conn) = match self.acquire_routed(analyzed, shard).await {
+                Ok(borrowed) => borrowed,
+                Err(SessionError::Backend(error)) if self.may_wait_for_primary(&error) => {
+                    let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                    self.wait_for_new_primary(shard, since, &error).await?;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             match align_settings(&mut conn, &self.params).await {
                 Ok(()) => break (node, conn),
                 Err(error) if error.is_connection_failure() && attempt < CHECKOUT_RETRIES => {
@@ -467,6 +476,52 @@ where
             messages::query(&mut self.sout, &sql);
             self.push_hidden(Expect::Query);
         }
+        Ok(())
+    }
+
+    /// With automatic failover a shard whose primary cannot be reached is about to get
+    /// a new one: the statement waits for it (bounded) instead of failing at once.
+    fn may_wait_for_primary(&self, error: &BackendError) -> bool {
+        self.fe.settings.failover_buffer.is_some()
+            && matches!(
+                error,
+                BackendError::Connect(..)
+                    | BackendError::ConnectTimeout(_)
+                    | BackendError::Io(_)
+                    | BackendError::Closed
+            )
+    }
+
+    /// Waits for a topology with a new primary for `shard`, until `failover.buffer`
+    /// after `since`; then the write fails with 57P03.
+    async fn wait_for_new_primary(
+        &mut self,
+        shard: usize,
+        since: std::time::Instant,
+        error: &BackendError,
+    ) -> Result<(), SessionError> {
+        let window = self.fe.settings.failover_buffer.unwrap_or_default();
+        let mut published = self.fe.topology_published.subscribe();
+        let seen = self.topo.generation;
+        let changed = tokio::time::timeout_at(
+            (since + window).into(),
+            published.wait_for(|generation| *generation > seen),
+        )
+        .await;
+        let fresh = self.fe.topology.load_full();
+        if changed.is_err() || fresh.generation == seen || fresh.shards.len() <= shard {
+            let name = &self.topo.shards[shard].name;
+            return Err(BackendError::Server {
+                code: "57P03".into(),
+                message: format!(
+                    "shard {name} has no reachable primary and a failover is in progress or pending (waited {window:?}): {error}"
+                ),
+            }
+            .into());
+        }
+        tracing::info!(shard = %fresh.shards[shard].name, "write resumes on the shard's new primary");
+        self.pools = self.fe.pools_for(&self.user, &fresh);
+        self.topo = fresh;
         Ok(())
     }
 

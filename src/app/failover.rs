@@ -1,0 +1,487 @@
+//! Replica promotion, manual (`Failover::promote`, the console's PROMOTE) and
+//! automatic (`failover.auto`: the shard's primary unreachable for `failover.after`).
+//! Each shard fails over on its own; the others keep serving.
+//!
+//! 1. Guard: never while the old primary is reachable and writable (automatic), never
+//!    twice at once for one shard. A manual switchover first makes the old primary
+//!    read-only and waits until the candidate has everything it wrote.
+//! 2. Choose: the replica with the highest received (then replayed) WAL position; with
+//!    synchronous replication that is a standby holding every acknowledged commit.
+//! 3. Promote: `pg_promote(true, 60)`, confirmed with `pg_is_in_recovery()`.
+//! 4. Re-point: the other replicas get the new primary in `primary_conninfo`
+//!    (`ALTER SYSTEM` + `pg_reload_conf()`; they follow the new timeline), and we wait
+//!    until they stream from it.
+//! 5. Fence and persist: the shard map is written back with the new primary and
+//!    without the old one (version + 1, backup kept, atomic rename) and published like
+//!    a reload. The old primary is in no map the proxy routes by, so it never receives
+//!    writes through the proxy again, whatever it believes when it comes back; it is
+//!    listed in `Frontend::fenced`.
+//!
+//! While a shard has no primary, sessions hold its writes for `failover.buffer` and
+//! then fail them with 57P03 (session/mod.rs); reads keep going to replicas.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::monitor_nodes;
+use super::reload::Reloader;
+use crate::config::Config;
+use crate::control::monitor::MonitorNode;
+use crate::frontend::Frontend;
+use crate::shard_map::{NodeAddr, ShardMap};
+use crate::topology::parse_lsn;
+
+/// How long the other replicas get to stream from the new primary before we report
+/// them as not following (the promotion stands).
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    #[error("no shard {0:?}")]
+    NoShard(String),
+    #[error("shard {0}: a promotion is already running")]
+    Busy(String),
+    #[error("shard {0}: the primary {1} is reachable and writable; not promoting (split brain)")]
+    PrimaryAlive(String, String),
+    #[error("shard {0}: no replica can be promoted ({1})")]
+    NoCandidate(String, String),
+    #[error("shard {shard}: promoting {node} failed: {reason}")]
+    Promote {
+        shard: String,
+        node: String,
+        reason: String,
+    },
+    #[error("shard {0}: writing the shard map failed: {1}")]
+    Persist(String, String),
+}
+
+/// What a promotion did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    pub shard: String,
+    pub old_primary: String,
+    pub new_primary: String,
+    /// Replicas now streaming from the new primary.
+    pub following: Vec<String>,
+    /// Replicas that did not confirm within the timeout (re-point them by hand).
+    pub not_following: Vec<String>,
+    pub map_version: u64,
+}
+
+pub struct Failover {
+    fe: Arc<Frontend>,
+    config: Config,
+    reloader: Arc<Reloader>,
+    /// Shards with a promotion running: one per outage.
+    running: Mutex<HashSet<String>>,
+}
+
+impl Failover {
+    pub(super) fn new(fe: Arc<Frontend>, config: Config, reloader: Arc<Reloader>) -> Failover {
+        Failover {
+            fe,
+            config,
+            reloader,
+            running: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Promotes a replica of `shard` (`node`: that one, as `host:port`; otherwise the
+    /// most advanced). Automatic failovers pass `manual = false`.
+    pub async fn promote(
+        &self,
+        shard: &str,
+        node: Option<&str>,
+        manual: bool,
+    ) -> Result<Promotion, FailoverError> {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if !running.insert(shard.to_owned()) {
+                return Err(FailoverError::Busy(shard.to_owned()));
+            }
+        }
+        self.fe
+            .failovers_running
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = self.promote_inner(shard, node, manual).await;
+        self.fe
+            .failovers_running
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(shard);
+        match &result {
+            Ok(p) => {
+                tracing::warn!(shard, old = %p.old_primary, new = %p.new_primary, version = p.map_version, "failover done")
+            }
+            Err(error) => tracing::error!(%error, shard, "failover failed"),
+        }
+        result
+    }
+
+    async fn promote_inner(
+        &self,
+        shard: &str,
+        node: Option<&str>,
+        manual: bool,
+    ) -> Result<Promotion, FailoverError> {
+        let topology = self.fe.topology.load_full();
+        let map = topology.map.clone();
+        let spec = map
+            .shards
+            .get(shard)
+            .ok_or_else(|| FailoverError::NoShard(shard.to_owned()))?;
+        let nodes = monitor_nodes(&self.config, &map, spec);
+        let old = &nodes[0];
+        let timeout = self.config.pool.connect_timeout;
+        if let Some(primary) = writable(old, timeout).await {
+            if !manual {
+                return Err(FailoverError::PrimaryAlive(shard.to_owned(), addr(old)));
+            }
+            // A switchover: nothing new may commit on the old primary from here on.
+            let candidates = &nodes[1..];
+            let target = quiesce(&primary)
+                .await
+                .map_err(|reason| FailoverError::Promote {
+                    shard: shard.to_owned(),
+                    node: addr(old),
+                    reason,
+                })?;
+            let _ = wait_replayed(candidates, target, timeout).await;
+        }
+        let (index, candidate) = choose(&nodes[1..], node, timeout)
+            .await
+            .map_err(|why| FailoverError::NoCandidate(shard.to_owned(), why))?;
+        let promote_error = |reason: String| FailoverError::Promote {
+            shard: shard.to_owned(),
+            node: addr(&nodes[1 + index]),
+            reason,
+        };
+        run(&candidate, "SELECT pg_promote(true, 60)")
+            .await
+            .map_err(&promote_error)?;
+        if scalar(&candidate, "SELECT pg_is_in_recovery()::text")
+            .await
+            .as_deref()
+            != Some("false")
+        {
+            return Err(promote_error("still in recovery after pg_promote".into()));
+        }
+        let new_primary = &nodes[1 + index];
+        let others: Vec<&MonitorNode> = nodes[1..]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .map(|(_, n)| n)
+            .collect();
+        let (following, not_following) = repoint(&others, new_primary, timeout).await;
+        let version = self.persist(&map, shard, index).await?;
+        Ok(Promotion {
+            shard: shard.to_owned(),
+            old_primary: addr(old),
+            new_primary: addr(new_primary),
+            following,
+            not_following,
+            map_version: version,
+        })
+    }
+
+    /// Writes the map with the promoted replica as primary (the old primary fenced:
+    /// left out), then publishes it.
+    async fn persist(
+        &self,
+        map: &ShardMap,
+        shard: &str,
+        index: usize,
+    ) -> Result<u64, FailoverError> {
+        let mut next = map.clone();
+        next.version = map.version + 1;
+        let persist_error = |e: String| FailoverError::Persist(shard.to_owned(), e);
+        let spec = next
+            .shards
+            .get_mut(shard)
+            .ok_or_else(|| FailoverError::NoShard(shard.to_owned()))?;
+        let promoted: NodeAddr = spec.replicas.remove(index);
+        let old = std::mem::replace(&mut spec.primary, promoted);
+        self.fe
+            .fenced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((shard.to_owned(), old.endpoint()));
+        let path = self.config.shard_map.clone();
+        let version = map.version;
+        let written = tokio::task::spawn_blocking(move || next.write_file(&path, version))
+            .await
+            .map_err(|e| persist_error(e.to_string()))?;
+        written.map_err(|e| persist_error(e.to_string()))?;
+        match self.reloader.reload().await {
+            Ok(_) => Ok(map.version + 1),
+            Err(error) => Err(persist_error(error.to_string())),
+        }
+    }
+}
+
+/// Promotes automatically: a shard whose primary the monitor has seen down for
+/// `failover.after` gets a promotion (one at a time per shard).
+pub(super) fn spawn_supervisor(
+    failover: Arc<Failover>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let after = failover.config.failover.after;
+        let mut down_since: HashMap<String, Instant> = HashMap::new();
+        let mut tick = tokio::time::interval(failover.config.routing.lag_check_interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+            let topology = failover.fe.topology.load_full();
+            for shard in &topology.shards {
+                let fresh = shard.fresh.load();
+                let primary_up = fresh.nodes.first().is_none_or(|n| n.healthy);
+                if primary_up || fresh.generation == 0 {
+                    down_since.remove(&shard.name);
+                    continue;
+                }
+                let since = *down_since
+                    .entry(shard.name.clone())
+                    .or_insert_with(Instant::now);
+                if since.elapsed() < after || shard.nodes.len() < 2 {
+                    continue;
+                }
+                down_since.remove(&shard.name);
+                let failover = failover.clone();
+                let name = shard.name.clone();
+                tokio::spawn(async move {
+                    let _ = failover.promote(&name, None, false).await;
+                });
+            }
+        }
+    })
+}
+
+fn addr(node: &MonitorNode) -> String {
+    format!("{}:{}", node.host, node.port)
+}
+
+async fn connect(node: &MonitorNode, timeout: Duration) -> Option<Client> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&node.host)
+        .port(node.port)
+        .user(&node.user)
+        .dbname(&node.database)
+        .application_name("shardgate-failover")
+        .connect_timeout(timeout);
+    if let Some(password) = &node.password {
+        config.password(password);
+    }
+    let (client, connection) = tokio::time::timeout(timeout, config.connect(NoTls))
+        .await
+        .ok()?
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(client)
+}
+
+/// A connection to `node` if it is up and not in recovery.
+async fn writable(node: &MonitorNode, timeout: Duration) -> Option<Client> {
+    let client = connect(node, timeout).await?;
+    let in_recovery =
+        tokio::time::timeout(timeout, scalar(&client, "SELECT pg_is_in_recovery()::text"))
+            .await
+            .ok()
+            .flatten();
+    (in_recovery.as_deref() == Some("false")).then_some(client)
+}
+
+async fn run(client: &Client, sql: &str) -> Result<(), String> {
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => db.message().to_owned(),
+            None => e.to_string(),
+        })
+}
+
+async fn scalar(client: &Client, sql: &str) -> Option<String> {
+    let messages = client.simple_query(sql).await.ok()?;
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// Makes the old primary refuse new writes and ends its client sessions; returns its
+/// WAL position after that, which the candidate must reach.
+async fn quiesce(primary: &Client) -> Result<u64, String> {
+    run(
+        primary,
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+    )
+    .await?;
+    run(primary, "SELECT pg_reload_conf()").await?;
+    run(
+        primary,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+         AND application_name NOT LIKE 'shardgate-%'",
+    )
+    .await?;
+    let lsn = scalar(primary, "SELECT pg_current_wal_lsn()::text").await;
+    lsn.as_deref()
+        .and_then(parse_lsn)
+        .ok_or_else(|| "cannot read the WAL position".into())
+}
+
+/// Waits until some candidate has replayed `target`.
+async fn wait_replayed(candidates: &[MonitorNode], target: u64, timeout: Duration) -> bool {
+    let deadline = Instant::now() + FOLLOW_TIMEOUT;
+    while Instant::now() < deadline {
+        for node in candidates {
+            if let Some(client) = connect(node, timeout).await {
+                let replayed = scalar(&client, "SELECT pg_last_wal_replay_lsn()::text").await;
+                if replayed
+                    .as_deref()
+                    .and_then(parse_lsn)
+                    .is_some_and(|l| l >= target)
+                {
+                    return true;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// The replica to promote: `wanted` (host:port) or the one that received the most WAL.
+async fn choose(
+    replicas: &[MonitorNode],
+    wanted: Option<&str>,
+    timeout: Duration,
+) -> Result<(usize, Client), String> {
+    let mut best: Option<(u64, u64, usize, Client)> = None;
+    let mut seen = Vec::new();
+    for (i, node) in replicas.iter().enumerate() {
+        if wanted.is_some_and(|w| w != addr(node)) {
+            continue;
+        }
+        let Some(client) = connect(node, timeout).await else {
+            seen.push(format!("{} unreachable", addr(node)));
+            continue;
+        };
+        let sql = "SELECT pg_is_in_recovery()::text, coalesce(pg_last_wal_receive_lsn(), '0/0')::text, coalesce(pg_last_wal_replay_lsn(), '0/0')::text";
+        let row = client.simple_query(sql).await.ok().and_then(|messages| {
+            messages.into_iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => Some((
+                    row.get(0).map(str::to_owned),
+                    row.get(1).and_then(parse_lsn),
+                    row.get(2).and_then(parse_lsn),
+                )),
+                _ => None,
+            })
+        });
+        let Some((Some(in_recovery), Some(received), Some(replayed))) = row else {
+            seen.push(format!("{} did not answer", addr(node)));
+            continue;
+        };
+        if in_recovery != "true" {
+            seen.push(format!("{} is not a replica", addr(node)));
+            continue;
+        }
+        let key = (received.max(replayed), replayed);
+        if best.as_ref().is_none_or(|(r, p, _, _)| key > (*r, *p)) {
+            best = Some((key.0, key.1, i, client));
+        }
+    }
+    match best {
+        Some((_, _, i, client)) => Ok((i, client)),
+        None if seen.is_empty() => Err(match wanted {
+            Some(w) => format!("{w} is not a replica of this shard"),
+            None => "the shard has no replicas".into(),
+        }),
+        None => Err(seen.join(", ")),
+    }
+}
+
+/// Points the other replicas at the new primary; returns (following, not following).
+async fn repoint(
+    replicas: &[&MonitorNode],
+    primary: &MonitorNode,
+    timeout: Duration,
+) -> (Vec<String>, Vec<String>) {
+    let mut following = Vec::new();
+    let mut not_following = Vec::new();
+    for node in replicas {
+        let done = async {
+            let client = connect(node, timeout).await.ok_or("unreachable")?;
+            let current = scalar(&client, "SHOW primary_conninfo").await.unwrap_or_default();
+            let conninfo = with_host_port(&current, &primary.host, primary.port);
+            let quoted = crate::backend::params::quote_literal(&conninfo);
+            run(&client, &format!("ALTER SYSTEM SET primary_conninfo = {quoted}"))
+                .await
+                .map_err(|_| "ALTER SYSTEM failed")?;
+            run(&client, "SELECT pg_reload_conf()").await.map_err(|_| "reload failed")?;
+            let deadline = Instant::now() + FOLLOW_TIMEOUT;
+            let check = format!(
+                "SELECT count(*)::text FROM pg_stat_wal_receiver WHERE status = 'streaming' AND sender_port = {}",
+                primary.port
+            );
+            while Instant::now() < deadline {
+                if scalar(&client, &check).await.as_deref() == Some("1") {
+                    return Ok::<(), &str>(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err("not streaming from the new primary")
+        }
+        .await;
+        match done {
+            Ok(()) => following.push(addr(node)),
+            Err(why) => {
+                tracing::warn!(replica = %addr(node), why, "replica does not follow the new primary");
+                not_following.push(addr(node));
+            }
+        }
+    }
+    (following, not_following)
+}
+
+/// `conninfo` (libpq key=value form) with host and port replaced.
+fn with_host_port(conninfo: &str, host: &str, port: u16) -> String {
+    let mut parts: Vec<String> = conninfo
+        .split_whitespace()
+        .filter(|kv| {
+            !kv.starts_with("host=") && !kv.starts_with("port=") && !kv.starts_with("hostaddr=")
+        })
+        .map(str::to_owned)
+        .collect();
+    parts.push(format!("host={host}"));
+    parts.push(format!("port={port}"));
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conninfo_gets_the_new_host_and_port() {
+        let old = "user=replicator passfile='/x' channel_binding=prefer host=127.0.0.1 port=5432 sslmode=prefer";
+        assert_eq!(
+            with_host_port(old, "10.0.0.2", 5433),
+            "user=replicator passfile='/x' channel_binding=prefer sslmode=prefer host=10.0.0.2 port=5433"
+        );
+    }
+}
