@@ -42,7 +42,9 @@ ensure_engine() {
         return 1
     fi
     say "starting dockerd (log: /tmp/shardgate-dockerd.log)"
-    dockerd >/tmp/shardgate-dockerd.log 2>&1 &
+    # A session of its own: a Ctrl-C in the terminal (SIGINT to the foreground process
+    # group) must reach this script, not the engine it still needs for the teardown.
+    setsid dockerd >/tmp/shardgate-dockerd.log 2>&1 &
     started_dockerd=$!
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && return 0
