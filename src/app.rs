@@ -276,6 +276,9 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         config.clone(),
         reloader.clone(),
     ));
+    frontend
+        .admin
+        .set_promoter(Arc::new(failover::ConsolePromoter(failover.clone())));
     let supervisor = config
         .failover
         .auto

@@ -125,9 +125,8 @@ impl AdminState {
     /// proxy has no reloader (a frontend built without `app::start`).
     pub async fn reload(&self) -> Option<Result<ReloadOutcome, ReloadError>> {
         let reloader = self.reloader.get()?.upgrade()?;
-        let result = reloader.reload().await;
-        self.record_reload(&result);
-        Some(result)
+        // The reloader records the outcome itself (for every trigger).
+        Some(reloader.reload().await)
     }
 
     /// Notes a reload's outcome (`SHOW MAP`, `shardgate_reloads_total`).

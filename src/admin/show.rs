@@ -153,10 +153,28 @@ fn nodes(fe: &Frontend) -> Table {
                 in_use.into(),
                 idle.into(),
                 why_excluded(i, f).into(),
-                // Filled in by failover (a fenced old primary); no node is fenced yet.
                 false.into(),
             ]);
         }
+    }
+    // Old primaries a promotion took out of the map: never routed to again.
+    let fenced = fe.fenced.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (shard, address) in fenced {
+        t.push(vec![
+            shard.into(),
+            Cell(None),
+            address.into(),
+            "fenced".into(),
+            "fenced".into(),
+            Cell(None),
+            Cell(None),
+            Cell(None),
+            Cell(None),
+            0u64.into(),
+            0u64.into(),
+            "fenced after a promotion".into(),
+            true.into(),
+        ]);
     }
     t
 }

@@ -227,6 +227,33 @@ impl Failover {
     }
 }
 
+/// The console's `PROMOTE <shard> [<node>]`.
+pub(super) struct ConsolePromoter(pub Arc<Failover>);
+
+impl crate::admin::Promoter for ConsolePromoter {
+    fn promote<'a>(
+        &'a self,
+        shard: &'a str,
+        node: Option<&'a str>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            match self.0.promote(shard, node, true).await {
+                Ok(p) => Ok(format!(
+                    "promoted {} on shard {} (was {}); map version {}; following: {}; not following: {}",
+                    p.new_primary,
+                    p.shard,
+                    p.old_primary,
+                    p.map_version,
+                    p.following.join(" "),
+                    p.not_following.join(" ")
+                )),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+    }
+}
+
 /// Promotes automatically: a shard whose primary the monitor has seen down for
 /// `failover.after` gets a promotion (one at a time per shard).
 pub(super) fn spawn_supervisor(

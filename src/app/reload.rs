@@ -81,8 +81,15 @@ impl Reloader {
         }
     }
 
-    /// Reads the map file again and applies it if it may be applied.
+    /// Reads the map file again and applies it if it may be applied; the outcome is
+    /// recorded for `SHOW MAP` and the metrics.
     pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+        let result = self.reload_inner().await;
+        self.fe.admin.record_reload(&result);
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<ReloadOutcome, ReloadError> {
         let _one_at_a_time = self.busy.lock().await;
         let current = self.fe.topology.load_full();
         let from = current.map.version;

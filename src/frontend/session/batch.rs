@@ -94,6 +94,10 @@ where
         if self.server.is_some() {
             self.sync_and_release().await?;
         }
+        if self.deferred_parse.take().is_some() {
+            // Every shard parses it as part of the batch.
+            self.push_synthetic(super::client_msgs::PARSE_COMPLETE);
+        }
         self.push_synthetic(super::client_msgs::BIND_COMPLETE);
         self.batch = Some(ExtendedFanOut {
             shards,
@@ -157,10 +161,18 @@ where
                 self.ready_idle();
                 return Ok(true);
             }
+            _ if batch.done && self.fanout_failed => {
+                // After an error the rest of the batch is skipped up to Sync.
+                return Ok(true);
+            }
             _ => {}
         }
-        // Anything else: the batch runs now, the frame afterwards.
+        // Anything else: the batch runs now, the frame afterwards (or, after an
+        // error, the frame is skipped like the rest of the batch up to Sync).
         self.run_batch().await?;
+        if self.batch.as_ref().is_some_and(|b| b.done) && self.fanout_failed {
+            return Ok(true);
+        }
         self.batch = None;
         Ok(false)
     }

@@ -14,7 +14,7 @@ use crate::protocol::messages::{self, btag, tag};
 use crate::protocol::{decode_frame, Frame, ProtocolError};
 use crate::routing::analyze::StatementClass;
 
-const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
+pub(super) const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
 pub(super) const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
 const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
 pub(super) const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
@@ -67,6 +67,11 @@ where
             return Ok(true);
         }
         self.refresh_topology();
+        if self.deferred_parse.is_some() && !matches!(frame.tag, tag::BIND | tag::PARSE) {
+            // Anything but the Bind it waits for: the deferred Parse goes first, to the
+            // default shard (or the held server).
+            self.ensure_server(None).await?;
+        }
         {
             match frame.tag {
                 tag::QUERY => self.on_query(frame).await?,
@@ -230,11 +235,34 @@ where
             self.push_synthetic(PARSE_COMPLETE);
             return Ok(());
         }
-        self.ensure_server(Some(&stmt.analyzed)).await?;
-        let Some(conn) = self.server.as_mut() else {
+        if self.topo.sharded() && self.server.is_none() && self.deferred_parse.is_none() {
+            // The shard is known only at Bind: the Parse goes to that shard's server
+            // then, in front of the Bind (or to the default shard before anything else).
+            if parse.name.is_empty() {
+                self.unnamed = Some(stmt.clone());
+            } else {
+                self.statements.insert(parse.name.to_owned(), stmt.clone());
+            }
+            self.deferred_parse = Some((frame.clone(), stmt));
             return Ok(());
+        }
+        self.ensure_server(Some(&stmt.analyzed)).await?;
+        self.forward_parse(frame, parse.name, stmt);
+        Ok(())
+    }
+
+    /// Sends a client's Parse to the held server (named statements renamed, and
+    /// skipped when the server already has them).
+    pub(super) fn forward_parse(
+        &mut self,
+        frame: &Frame,
+        name: &str,
+        stmt: Arc<PreparedStatement>,
+    ) {
+        let Some(conn) = self.server.as_mut() else {
+            return;
         };
-        if parse.name.is_empty() {
+        if name.is_empty() {
             // The unnamed statement is forwarded as is; remember it so a later Bind on
             // another server connection can re-create it.
             conn.unnamed = Some(stmt.id);
@@ -246,7 +274,7 @@ where
             }));
         } else {
             let known = !conn.prepared.insert(stmt.id);
-            self.statements.insert(parse.name.to_owned(), stmt.clone());
+            self.statements.insert(name.to_owned(), stmt.clone());
             if known {
                 self.push_synthetic(PARSE_COMPLETE);
             } else {
@@ -260,10 +288,9 @@ where
                     named: Some(stmt.id),
                     unnamed: None,
                 }));
-                self.describe_for_shape(&stmt, &stmt.server_name, Some(parse.name.to_owned()));
+                self.describe_for_shape(&stmt, &stmt.server_name, Some(name.to_owned()));
             }
         }
-        Ok(())
     }
 
     /// The client's statement by its own name ("" = unnamed), if it parsed one.

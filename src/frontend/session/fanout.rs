@@ -51,6 +51,14 @@ impl Leg {
 /// Server messages buffered per leg before its task waits for the merge to catch up.
 const LEG_QUEUE: usize = 64;
 
+/// How long an unfinished leg may take to end by itself once its rows are not needed,
+/// before it is cancelled (its connection is then closed, not pooled).
+const FINISH_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long a cancelled leg gets to stop before it is cancelled again (and then its
+/// connection closed).
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Bytes merged for the client before they are written out.
 const CLIENT_CHUNK: usize = 64 * 1024;
 
@@ -181,15 +189,50 @@ where
         }
     }
 
+    /// Borrows a connection per leg and starts the legs. When a shard cannot be
+    /// reached the legs already started are ended, the client gets the error as an
+    /// ErrorResponse (its session goes on) and None is returned.
     async fn start_legs(
         &mut self,
         legs: Vec<Leg>,
         analyzed: &Analyzed,
-    ) -> Result<Vec<Running>, SessionError> {
+    ) -> Result<Option<Vec<Running>>, SessionError> {
         let mut running = Vec::with_capacity(legs.len());
         for leg in legs {
             let shard = leg.shard;
-            let conn = self.borrow_for_leg(shard, analyzed).await?;
+            if let Err(error) = self
+                .fe
+                .pauses
+                .wait_if_paused(&self.topo.shards[shard].name)
+                .await
+            {
+                self.finish_legs(running).await;
+                self.fanout_failed = true;
+                let text = error.to_string();
+                messages::error_fields(
+                    &mut self.cout,
+                    btag::ERROR_RESPONSE,
+                    "ERROR",
+                    error.sqlstate(),
+                    &text,
+                );
+                return Ok(None);
+            }
+            let conn = match self.borrow_for_leg(shard, analyzed).await {
+                Ok(conn) => conn,
+                Err(SessionError::Backend(error)) => {
+                    self.finish_legs(running).await;
+                    self.fanout_failed = true;
+                    let name = &self.topo.shards[shard].name;
+                    self.cout.extend_from_slice(&leg_failure(name, &error));
+                    return Ok(None);
+                }
+                Err(error) => return Err(error),
+            };
+            self.fe.metrics.query(
+                crate::admin::metrics::QueryRoute::FanOut,
+                &self.topo.shards[shard].name,
+            );
             let cancel = (conn.host.clone(), conn.port, conn.backend_key);
             let (tx, rx) = mpsc::channel(LEG_QUEUE);
             let task = tokio::spawn(run_leg(conn, leg, tx));
@@ -202,14 +245,28 @@ where
                 answered: false,
             });
         }
-        Ok(running)
+        Ok(Some(running))
     }
 
     /// Ends every leg: legs still running are cancelled, each connection goes back to
     /// its pool if the server is idle (it is closed otherwise).
     async fn finish_legs(&mut self, legs: Vec<Running>) {
         for mut leg in legs {
-            let cancel = !leg.done && !leg.answered && leg.task.is_some();
+            let mut cancel = !leg.done && !leg.answered && leg.task.is_some();
+            leg.rx.close();
+            if cancel {
+                // Most unfinished legs are about to finish by themselves (their LIMIT
+                // went to the shard too): let them, and keep the connection pooled.
+                if let Some(task) = leg.task.as_mut() {
+                    if let Ok(joined) = tokio::time::timeout(FINISH_GRACE, &mut *task).await {
+                        leg.task = None;
+                        cancel = false;
+                        if let Ok(Ok(conn)) = joined {
+                            conn.release();
+                        }
+                    }
+                }
+            }
             if cancel {
                 let (host, port, key) = leg.cancel.clone();
                 tokio::spawn(async move {
@@ -217,6 +274,25 @@ where
                 });
             }
             leg.rx.close();
+            if cancel {
+                // A cancel that reaches the server before the statement started is
+                // lost: give it a moment, cancel once more, then close the connection.
+                for _ in 0..2 {
+                    let Some(task) = leg.task.as_mut() else { break };
+                    if tokio::time::timeout(CANCEL_GRACE, &mut *task).await.is_ok() {
+                        break;
+                    }
+                    let (host, port, key) = leg.cancel.clone();
+                    let _ = crate::backend::conn::send_cancel(&host, port, key).await;
+                }
+                if let Some(task) = leg.task.take() {
+                    if !task.is_finished() {
+                        task.abort();
+                    }
+                    // The connection (if any) is dropped: closed, never pooled.
+                }
+                continue;
+            }
             if let Err(error) = leg.join(!cancel).await {
                 tracing::warn!(%error, shard = %self.topo.shards[leg.shard].name, "leg failed");
             }
@@ -232,7 +308,10 @@ where
         describe: bool,
     ) -> Result<(), SessionError> {
         let count = legs.len();
-        let mut running = self.start_legs(legs, &READ).await?;
+        self.fanout_failed = false;
+        let Some(mut running) = self.start_legs(legs, &READ).await? else {
+            return Ok(());
+        };
         let mut merger = Merger::new(plan, count);
         while !merger.finished() {
             let next = (0..count).find(|&i| !running[i].done && merger.wants(i));
@@ -268,6 +347,7 @@ where
                     }
                     if let Err(error) = merger.push(i, &frame) {
                         tracing::warn!(%error, "cross-shard merge failed");
+                        self.fanout_failed = true;
                         let (code, text) = merge_error(&error);
                         messages::error_fields(
                             &mut self.cout,
@@ -307,14 +387,13 @@ where
     /// Moves merged messages to the client; without `describe` the RowDescription
     /// (which the merge needs from the legs) is left out.
     fn drain_merged(&mut self, merger: &mut Merger, describe: bool) {
-        if describe {
-            merger.drain(&mut self.cout);
-            return;
-        }
         let mut merged = BytesMut::new();
         merger.drain(&mut merged);
         while let Ok(Some(frame)) = crate::protocol::decode_frame(&mut merged, usize::MAX) {
-            if frame.tag != btag::ROW_DESCRIPTION {
+            if frame.tag == btag::ERROR_RESPONSE {
+                self.fanout_failed = true;
+            }
+            if describe || frame.tag != btag::ROW_DESCRIPTION {
                 self.cout.extend_from_slice(&frame.raw);
             }
         }
@@ -352,7 +431,10 @@ where
                 }
             })
             .collect();
-        let mut running = self.start_legs(legs, &WRITE).await?;
+        self.fanout_failed = false;
+        let Some(mut running) = self.start_legs(legs, &WRITE).await? else {
+            return Ok(());
+        };
         let mut answers: Vec<Vec<Bytes>> = Vec::with_capacity(running.len());
         for leg in running.iter_mut() {
             let mut frames = Vec::new();
@@ -402,6 +484,7 @@ where
         if failure.is_none() {
             self.route.wrote_at = Some(std::time::Instant::now());
         }
+        self.fanout_failed = failure.is_some() || commit_failure.is_some();
         match failure {
             Some(error) => self.cout.extend_from_slice(&error),
             None => match commit_failure {

@@ -140,6 +140,12 @@ pub struct Session<R, W> {
     /// The shard and node the held server connection belongs to.
     server_shard: usize,
     server_node: usize,
+    /// The last cross-shard statement ended in an error (the rest of its
+    /// extended-protocol batch is skipped up to Sync, as a server would).
+    fanout_failed: bool,
+    /// Sharded maps: a client's Parse held back until its Bind says which shard runs
+    /// it (sent in front of that Bind by `ensure_server`).
+    deferred_parse: Option<(crate::protocol::Frame, Arc<PreparedStatement>)>,
     /// Sharded maps: an extended-protocol statement for several shards, collected
     /// until the client's Sync.
     batch: Option<batch::ExtendedFanOut>,
@@ -232,6 +238,8 @@ where
             next_shard: default_shard,
             pending_begin: None,
             batch: None,
+            deferred_parse: None,
+            fanout_failed: false,
             pools: init.pools,
             server: None,
             server_node: PRIMARY,
@@ -424,6 +432,18 @@ where
     /// that fails before any of the client's bytes went to it is replaced, so a server
     /// restart or a terminated backend costs the client nothing.
     async fn ensure_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
+        self.borrow_server(analyzed).await?;
+        if let Some((frame, stmt)) = self.deferred_parse.take() {
+            let name = messages::decode_parse(&frame)?.name.to_owned();
+            if let Some(replay) = self.replay.as_mut() {
+                replay.push(frame.raw.clone());
+            }
+            self.forward_parse(&frame, &name, stmt);
+        }
+        Ok(())
+    }
+
+    async fn borrow_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
         if self.server.is_some() && self.held_elsewhere(analyzed) {
             self.sync_and_release().await?;
         }
@@ -439,6 +459,18 @@ where
         }
         let mut attempt = 0;
         let shard = self.next_shard;
+        if let Err(error) = self
+            .fe
+            .pauses
+            .wait_if_paused(&self.topo.shards[shard].name)
+            .await
+        {
+            return Err(BackendError::Server {
+                code: error.sqlstate().into(),
+                message: error.to_string(),
+            }
+            .into());
+        }
         // An explicit transaction is routed by its BEGIN (primary unless READ ONLY).
         let begin = self.pending_begin.as_ref().map(|(_, a)| *a);
         let analyzed = begin.as_ref().or(analyzed);
@@ -603,7 +635,15 @@ where
             }
             let node = decision.node.min(pools.len() - 1);
             match pools[node].acquire().await {
-                Ok(conn) => return Ok((node, conn)),
+                Ok(conn) => {
+                    let route = if node == PRIMARY {
+                        crate::admin::metrics::QueryRoute::Primary
+                    } else {
+                        crate::admin::metrics::QueryRoute::Replica
+                    };
+                    self.fe.metrics.query(route, &self.topo.shards[shard].name);
+                    return Ok((node, conn));
+                }
                 Err(error) if node != PRIMARY => {
                     tracing::warn!(%error, node, "replica unavailable; routing again");
                     self.failed_nodes |= 1 << node.min(63);
