@@ -311,10 +311,26 @@ impl ShardSet {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
     fn first(&self) -> Option<usize> {
-        (0..MAX_SHARDS).find(|&i| self.contains(i))
+        self.iter().next()
     }
     fn to_vec(self) -> Vec<usize> {
-        (0..MAX_SHARDS).filter(|&i| self.contains(i)).collect()
+        let mut out = Vec::with_capacity(self.len());
+        out.extend(self.iter());
+        out
+    }
+    /// Members in increasing order, word by word (a few instructions per member).
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + bit)
+            })
+        })
     }
 }
 

@@ -777,3 +777,14 @@ fn bigint_minimum_written_as_minus_literal_is_a_key() {
         refused(&simple(sql), "cannot tell the shard");
     }
 }
+
+#[test]
+fn shard_sets_list_members_in_order_across_words() {
+    let mut set = super::ShardSet::default();
+    for i in [255, 0, 64, 63, 130] {
+        set.insert(i);
+    }
+    assert_eq!(set.to_vec(), vec![0, 63, 64, 130, 255]);
+    assert_eq!(set.first(), Some(0));
+    assert_eq!(super::ShardSet::default().first(), None);
+}
