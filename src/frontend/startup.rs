@@ -120,8 +120,14 @@ async fn login(
 ) -> Result<Option<Login>, LoginError> {
     let params = loop {
         match read_startup(stream, buf).await? {
-            StartupPacket::SslRequest => negotiate_tls(stream, fe).await?,
-            StartupPacket::GssEncRequest => stream.write_all(b"N").await?,
+            StartupPacket::SslRequest => {
+                refuse_pipelined(buf, "SSL")?;
+                negotiate_tls(stream, fe).await?
+            }
+            StartupPacket::GssEncRequest => {
+                refuse_pipelined(buf, "GSSAPI encryption")?;
+                stream.write_all(b"N").await?
+            }
             StartupPacket::Cancel { pid, secret } => {
                 forward_cancel(fe, pid, secret).await;
                 return Ok(None);
@@ -195,6 +201,21 @@ async fn read_startup(
             return Err(LoginError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
     }
+}
+
+/// Bytes that came after an SSLRequest or GSSENCRequest and before our answer were
+/// sent in plaintext, possibly by a man in the middle (CVE-2021-23214): after a TLS
+/// upgrade they would be read as if they had come through the encrypted channel. No
+/// legitimate client sends them (it waits for 'S' or 'N'), so the connection is refused
+/// before answering, as PostgreSQL does.
+fn refuse_pipelined(buf: &BytesMut, request: &str) -> Result<(), LoginError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    Err(LoginError::Refused(
+        "08P01",
+        format!("received unencrypted data after {request} request"),
+    ))
 }
 
 async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), LoginError> {
