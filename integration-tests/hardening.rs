@@ -124,3 +124,55 @@ async fn bytes_after_ssl_or_gssenc_request_close_the_connection() {
     s.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"S");
 }
+
+/// Reads one whole message, failing the test if the proxy closes first.
+async fn read_frame(s: &mut TcpStream, inbuf: &mut BytesMut) -> shardgate::protocol::Frame {
+    loop {
+        if let Some(frame) = shardgate::protocol::decode_frame(inbuf, 1 << 20).unwrap() {
+            return frame;
+        }
+        assert!(s.read_buf(inbuf).await.unwrap() > 0, "closed during login");
+    }
+}
+
+/// Starts a SCRAM login as `user` and returns the server-first-message's salt and
+/// iteration count ("s=...,i=...") without finishing the exchange.
+async fn scram_salt(proxy: &common::proxy::TestProxy, user: &str) -> String {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut out = BytesMut::new();
+    messages::startup(&mut out, &[("user", user), ("database", &proxy.database)]);
+    s.write_all(&out).await.unwrap();
+    let mut inbuf = BytesMut::new();
+    let frame = read_frame(&mut s, &mut inbuf).await;
+    assert_eq!((frame.tag, &frame.body()[..4]), (b'R', &[0, 0, 0, 10][..]));
+    out.clear();
+    messages::sasl_initial_response(&mut out, "SCRAM-SHA-256", b"n,,n=,r=clientnonce");
+    s.write_all(&out).await.unwrap();
+    let frame = read_frame(&mut s, &mut inbuf).await;
+    assert_eq!((frame.tag, &frame.body()[..4]), (b'R', &[0, 0, 0, 11][..]));
+    let server_first = std::str::from_utf8(&frame.body()[4..]).unwrap();
+    let (_, salt_and_rounds) = server_first.split_once(",s=").unwrap();
+    salt_and_rounds.to_owned()
+}
+
+/// User enumeration: an unknown user must get a salt that is as stable as a real
+/// user's (the same on every attempt) and as distinct (its own per name), so the
+/// server-first-message does not tell which names exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_get_a_stable_salt_of_their_own() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let ghost = scram_salt(&proxy, "ghost").await;
+    assert_eq!(
+        ghost,
+        scram_salt(&proxy, "ghost").await,
+        "same name, same salt"
+    );
+    let other = scram_salt(&proxy, "phantom").await;
+    assert_ne!(ghost, other, "each unknown name has its own salt");
+    let real = scram_salt(&proxy, &proxy.user).await;
+    assert_ne!(ghost, real);
+    assert_eq!(real, scram_salt(&proxy, &proxy.user).await);
+    let rounds = |m: &str| m.split_once(",i=").map(|(_, i)| i.to_owned());
+    assert_eq!(rounds(&ghost), rounds(&real), "same iteration count");
+}

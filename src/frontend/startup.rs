@@ -271,7 +271,8 @@ async fn read_auth_frame(
 }
 
 /// SCRAM-SHA-256 against `secret`. Unknown users (None) run the same exchange
-/// against a decoy secret.
+/// against a decoy secret of their own name (`ScramSecret::decoy_for`): same messages,
+/// a salt as stable and as distinct as a real user's, the same failure.
 async fn authenticate(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
@@ -286,7 +287,9 @@ async fn authenticate(
         )
     };
     let known = secret.is_some();
-    let secret = secret.unwrap_or(&fe.decoy);
+    // Derived for every login, so known and unknown users cost the same work.
+    let decoy = fe.decoy.decoy_for(user);
+    let secret = secret.unwrap_or(&decoy);
     let mut out = BytesMut::new();
     messages::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
     stream.write_all(&out).await?;

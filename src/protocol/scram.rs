@@ -79,6 +79,25 @@ impl ScramSecret {
     }
 }
 
+impl ScramSecret {
+    /// A stand-in secret for a user that does not exist, so that its exchange looks like
+    /// a real user's with a wrong password (PostgreSQL's `scram_mock_salt`). `self` is
+    /// the decoy made at start-up: its salt is never sent to anyone and keys the
+    /// per-name salt, HMAC-SHA-256(decoy salt, user name) cut to 16 bytes. A name thus
+    /// gets the same salt on every attempt and each name its own, like real users; only
+    /// someone who knows the decoy can tell. The keys are the decoy's: no password can
+    /// match them, and the caller refuses unknown users anyway.
+    pub fn decoy_for(&self, user: &str) -> ScramSecret {
+        let digest = hmac(&self.salt, user.as_bytes());
+        let mut salt = [0u8; 16];
+        salt.copy_from_slice(&digest[..16]);
+        ScramSecret {
+            salt,
+            ..self.clone()
+        }
+    }
+}
+
 /// State between the server-first and client-final messages.
 pub struct ScramExchange {
     client_first_bare: String,
@@ -238,6 +257,18 @@ mod tests {
             exchange.server_final(&secret, final_msg.as_bytes()),
             Ok("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=".to_string())
         );
+    }
+
+    #[test]
+    fn decoy_salts_are_stable_per_name_and_distinct_across_names_and_starts() {
+        let decoy = ScramSecret::new("decoy");
+        let ghost = decoy.decoy_for("ghost");
+        assert_eq!(ghost.salt, decoy.decoy_for("ghost").salt);
+        assert_ne!(ghost.salt, decoy.decoy_for("phantom").salt);
+        assert_ne!(ghost.salt, decoy.salt, "the decoy's own salt stays secret");
+        assert_eq!(ghost.iterations, ITERATIONS, "same rounds as real users");
+        let next_start = ScramSecret::new("decoy");
+        assert_ne!(ghost.salt, next_start.decoy_for("ghost").salt);
     }
 
     #[test]
