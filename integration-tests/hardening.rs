@@ -176,3 +176,112 @@ async fn unknown_users_get_a_stable_salt_of_their_own() {
     let rounds = |m: &str| m.split_once(",i=").map(|(_, i)| i.to_owned());
     assert_eq!(rounds(&ghost), rounds(&real), "same iteration count");
 }
+
+/// A proxy like `start_proxy`'s with `limits:` settings added (login_timeout is not
+/// one of ProxyOptions'); the handle and its config dir live as long as the pair.
+async fn start_proxy_with_limits(
+    opts: ProxyOptions,
+    limits: &str,
+) -> (shardgate::app::ProxyHandle, TempDir) {
+    let cluster = shared_cluster();
+    let (dir, path) = common::proxy::write_config(cluster, &opts, "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("limits: { ", &format!("limits: {{ {limits}, "), 1);
+    std::fs::write(&path, text).unwrap();
+    let config = shardgate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let map =
+        shardgate::shard_map::ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
+    let handle = shardgate::app::start(&config, &map).await.unwrap();
+    (handle, dir)
+}
+
+/// Accepts any server certificate: the tests check the proxy's behaviour over TLS, not
+/// its certificate.
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// SSLRequest, 'S', then a TLS handshake; returns the encrypted stream.
+async fn tls_connect(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&request(SSL_REQUEST)).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, s)
+        .await
+        .unwrap()
+}
+
+/// A client that completes TLS and then says nothing gets the login-timeout error,
+/// flushed and followed by an orderly TLS close (close_notify), not a dropped socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_timeout_error_arrives_over_tls_before_an_orderly_close() {
+    let (_dir, cert, key) = self_signed();
+    let opts = ProxyOptions {
+        tls: Some((cert, key)),
+        ..Default::default()
+    };
+    let (proxy, _config) = start_proxy_with_limits(opts, "login_timeout: 300ms").await;
+    let mut tls = tls_connect(proxy.local_addr).await;
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
+        .await
+        .expect("the proxy closes the connection after the login timeout");
+    assert_eq!(
+        sqlstate(&got).as_deref(),
+        Some("08006"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        String::from_utf8_lossy(&got).contains("login timed out"),
+        "{got:?}"
+    );
+    // Without close_notify, rustls reports the end as an unexpected EOF: the client
+    // cannot tell a complete error message from a truncated stream.
+    end.expect("TLS closed with close_notify");
+}

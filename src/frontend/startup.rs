@@ -19,6 +19,8 @@ use crate::protocol::{decode_frame, decode_startup, scram, Frame, StartupPacket}
 
 /// Authentication messages are small; anything bigger is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+/// How long the FATAL error that ends a login may take to reach the client.
+const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 enum LoginError {
@@ -94,22 +96,22 @@ pub async fn serve(
 
 async fn refuse(stream: &mut ClientStream, error: &LoginError) {
     tracing::info!(%error, "login refused");
-    if let LoginError::Refused(code, message) = error {
-        let mut out = BytesMut::new();
-        messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", code, message);
-        let _ = stream.write_all(&out).await;
-        let _ = stream.flush().await;
-    } else if let LoginError::Timeout = error {
-        let mut out = BytesMut::new();
-        messages::error_fields(
-            &mut out,
-            btag::ERROR_RESPONSE,
-            "FATAL",
-            "08006",
-            "login timed out",
-        );
-        let _ = stream.write_all(&out).await;
-    }
+    let (code, message) = match error {
+        LoginError::Refused(code, message) => (*code, message.as_str()),
+        LoginError::Timeout => ("08006", "login timed out"),
+        LoginError::Io(_) => return,
+    };
+    let mut out = BytesMut::new();
+    messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", code, message);
+    // Flushed, then closed with a TLS close_notify, so the client reads the whole
+    // message and can tell it from a truncated stream. Bounded: a client that does not
+    // read must not keep the task alive past its login timeout.
+    let send = async {
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, send).await;
 }
 
 async fn login(
