@@ -360,17 +360,78 @@ fn server_error(frame: &Frame) -> BackendError {
     BackendError::Server { code, message }
 }
 
+/// Bound on the TCP connect of a CancelRequest sent without a configured one (the
+/// default of `pool.connect_timeout`). An unreachable server (a dropped SYN, a full
+/// accept queue) would otherwise hold the caller for the kernel's connect timeout,
+/// minutes on Linux.
+pub const CANCEL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long to wait for the server to close the connection after reading the request.
+const CANCEL_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// Sends a CancelRequest for a server's own key, on a fresh connection as the
-/// protocol requires.
+/// protocol requires, connecting within `CANCEL_CONNECT_TIMEOUT`.
 pub async fn send_cancel(host: &str, port: u16, key: (u32, u32)) -> Result<(), BackendError> {
-    let mut stream = TcpStream::connect((host, port))
+    send_cancel_within(host, port, key, CANCEL_CONNECT_TIMEOUT).await
+}
+
+/// `send_cancel` with the connect bounded by `connect_timeout` (the proxy passes
+/// `pool.connect_timeout`).
+pub async fn send_cancel_within(
+    host: &str,
+    port: u16,
+    key: (u32, u32),
+    connect_timeout: Duration,
+) -> Result<(), BackendError> {
+    let addr = || format!("{host}:{port}");
+    let mut stream = tokio::time::timeout(connect_timeout, TcpStream::connect((host, port)))
         .await
-        .map_err(|e| BackendError::Connect(format!("{host}:{port}"), e))?;
+        .map_err(|_| BackendError::ConnectTimeout(addr()))?
+        .map_err(|e| BackendError::Connect(addr(), e))?;
     let mut out = BytesMut::new();
     messages::cancel_request(&mut out, key.0, key.1);
     stream.write_all(&out).await?;
     // The server closes the connection once it has read the request.
     let mut sink = [0u8; 16];
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+    let _ = tokio::time::timeout(CANCEL_CLOSE_WAIT, stream.read(&mut sink)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener whose accept queue is full: the kernel drops further SYNs, so a
+    /// connect to it hangs like one to a host that vanished. Returns the listener and
+    /// the connections that filled the queue (both must stay alive).
+    async fn blackhole() -> (tokio::net::TcpListener, Vec<TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        while held.len() < 16 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => held.push(s),
+                _ => return (listener, held),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn cancel_connect_to_an_unreachable_server_is_bounded() {
+        let (listener, _held) = blackhole().await;
+        let port = listener.local_addr().unwrap().port();
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            send_cancel_within("127.0.0.1", port, (1, 2), Duration::from_millis(200)),
+        )
+        .await
+        .expect("send_cancel gives up by itself");
+        assert!(
+            matches!(sent, Err(BackendError::ConnectTimeout(_))),
+            "{sent:?}"
+        );
+    }
 }

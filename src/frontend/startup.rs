@@ -240,9 +240,10 @@ async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), L
 async fn forward_cancel(fe: &Frontend, pid: u32, secret: u32) {
     match fe.cancels.lookup(pid, secret) {
         Some(target) => {
-            if let Err(error) =
-                crate::backend::conn::send_cancel(&target.host, target.port, target.key).await
-            {
+            let (host, port, timeout) =
+                (&target.host, target.port, fe.settings.pool.connect_timeout);
+            let sent = crate::backend::conn::send_cancel_within(host, port, target.key, timeout);
+            if let Err(error) = sent.await {
                 tracing::warn!(%error, "forwarding cancel failed");
             }
         }
