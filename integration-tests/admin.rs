@@ -446,6 +446,7 @@ async fn metrics_healthz_and_readyz() {
     ))
     .await;
     app.simple_query("SELECT 1").await.unwrap();
+    assert!(app.simple_query("SELECT 1/0").await.is_err());
     let addr = proxy.metrics_addr();
     assert_eq!(get(addr, "/healthz").await.0, 200);
     wait_for("readyz", Duration::from_secs(10), || async move {
@@ -486,6 +487,10 @@ async fn metrics_healthz_and_readyz() {
         "{body}"
     );
     assert!(has("shardgate_shard_writable", "shard=\"s0\""));
+    // Wired in the session: statements by route and shard, latency, errors by class.
+    assert!(has("shardgate_queries_total", "shard=\"s0\""), "{body}");
+    assert!(has("shardgate_query_duration_seconds_count", ""), "{body}");
+    assert!(has("shardgate_errors_total", "class=\"22\""), "{body}");
     let ready = samples
         .iter()
         .find(|(n, _, _)| n == "shardgate_shard_writable")

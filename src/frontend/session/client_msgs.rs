@@ -63,6 +63,10 @@ where
 
     /// Handles one client frame; `false` means it must wait for a shape check.
     async fn on_client_frame(&mut self, frame: &Frame) -> Result<bool, SessionError> {
+        if matches!(frame.tag, tag::QUERY | tag::EXECUTE | tag::FUNCTION_CALL) {
+            self.statement_started
+                .get_or_insert_with(std::time::Instant::now);
+        }
         if self.batch.is_some() && self.on_batch_frame(frame).await? {
             return Ok(true);
         }

@@ -140,6 +140,8 @@ pub struct Session<R, W> {
     /// The shard and node the held server connection belongs to.
     server_shard: usize,
     server_node: usize,
+    /// When the statement the client waits for started (for the latency histogram).
+    statement_started: Option<std::time::Instant>,
     /// The last cross-shard statement ended in an error (the rest of its
     /// extended-protocol batch is skipped up to Sync, as a server would).
     fanout_failed: bool,
@@ -240,6 +242,7 @@ where
             batch: None,
             deferred_parse: None,
             fanout_failed: false,
+            statement_started: None,
             pools: init.pools,
             server: None,
             server_node: PRIMARY,
@@ -774,6 +777,7 @@ where
     }
 
     fn fatal(&mut self, code: &str, message: &str) {
+        self.fe.metrics.error(code);
         messages::error_fields(&mut self.cout, b'E', "FATAL", code, message);
     }
 

@@ -97,6 +97,14 @@ where
                 }
                 _ => Detail::None,
             };
+            if header.tag == btag::ERROR_RESPONSE {
+                let frame = crate::protocol::Frame {
+                    tag: header.tag,
+                    raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+                };
+                let (code, _) = crate::protocol::messages::decode_error_fields(&frame);
+                self.fe.metrics.error(&code);
+            }
             let forward = self.on_server_message(header.tag, status, detail);
             let Some(conn) = self.server.as_mut() else {
                 return Ok(());
@@ -113,6 +121,16 @@ where
             }
             conn.rbuf.advance(header.len);
             if header.tag == btag::READY_FOR_QUERY {
+                if forward {
+                    if let Some(started) = self.statement_started.take() {
+                        let route = if self.server_node == crate::routing::route::PRIMARY {
+                            crate::admin::metrics::QueryRoute::Primary
+                        } else {
+                            crate::admin::metrics::QueryRoute::Replica
+                        };
+                        self.fe.metrics.latency(route, started.elapsed());
+                    }
+                }
                 self.on_ready(status);
             }
             self.emit_synthetic();

@@ -346,6 +346,11 @@ where
     }
 
     pub(super) fn ready_idle(&mut self) {
+        if let Some(started) = self.statement_started.take() {
+            self.fe
+                .metrics
+                .latency(crate::admin::metrics::QueryRoute::FanOut, started.elapsed());
+        }
         messages::ready_for_query(&mut self.cout, b'I');
     }
 
@@ -394,6 +399,7 @@ where
     /// exactly as it would for a server error (later statements get 25P02).
     pub(super) async fn refuse_query(&mut self, message: &str) -> Result<(), SessionError> {
         tracing::debug!(message, "statement refused");
+        self.fe.metrics.error("0A000");
         if self.server.is_none() && self.pending_begin.is_none() {
             let mut out = BytesMut::new();
             messages::error_fields(&mut out, btag::ERROR_RESPONSE, "ERROR", "0A000", message);
