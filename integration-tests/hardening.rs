@@ -135,9 +135,12 @@ async fn read_frame(s: &mut TcpStream, inbuf: &mut BytesMut) -> shardgate::proto
     }
 }
 
-/// Starts a SCRAM login as `user` and returns the server-first-message's salt and
-/// iteration count ("s=...,i=...") without finishing the exchange.
-async fn scram_salt(proxy: &common::proxy::TestProxy, user: &str) -> String {
+/// Starts a SCRAM login as `user` with client nonce "clientnonce"; returns the
+/// connection, its receive buffer and the server-first-message.
+async fn scram_first(
+    proxy: &common::proxy::TestProxy,
+    user: &str,
+) -> (TcpStream, BytesMut, String) {
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let mut out = BytesMut::new();
     messages::startup(&mut out, &[("user", user), ("database", &proxy.database)]);
@@ -150,7 +153,13 @@ async fn scram_salt(proxy: &common::proxy::TestProxy, user: &str) -> String {
     s.write_all(&out).await.unwrap();
     let frame = read_frame(&mut s, &mut inbuf).await;
     assert_eq!((frame.tag, &frame.body()[..4]), (b'R', &[0, 0, 0, 11][..]));
-    let server_first = std::str::from_utf8(&frame.body()[4..]).unwrap();
+    let server_first = String::from_utf8(frame.body()[4..].to_vec()).unwrap();
+    (s, inbuf, server_first)
+}
+
+/// The salt and iteration count ("s=...,i=...") the proxy offers `user`.
+async fn scram_salt(proxy: &common::proxy::TestProxy, user: &str) -> String {
+    let (_, _, server_first) = scram_first(proxy, user).await;
     let (_, salt_and_rounds) = server_first.split_once(",s=").unwrap();
     salt_and_rounds.to_owned()
 }
@@ -265,7 +274,7 @@ async fn login_timeout_error_arrives_over_tls_before_an_orderly_close() {
         tls: Some((cert, key)),
         ..Default::default()
     };
-    let (proxy, _config) = start_proxy_with_limits(opts, "login_timeout: 300ms").await;
+    let (proxy, _config) = start_proxy_with_limits(opts, "login_timeout: 2s").await;
     let mut tls = tls_connect(proxy.local_addr).await;
     let mut got = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
@@ -284,4 +293,41 @@ async fn login_timeout_error_arrives_over_tls_before_an_orderly_close() {
     // Without close_notify, rustls reports the end as an unexpected EOF: the client
     // cannot tell a complete error message from a truncated stream.
     end.expect("TLS closed with close_notify");
+}
+
+/// A client-final-message whose nonce or channel binding does not belong to the
+/// exchange is a protocol violation (08P01), as in PostgreSQL, for real and unknown
+/// users alike; only a wrong proof is a wrong password (28P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_scram_nonce_or_binding_is_a_protocol_error() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(cluster, ProxyOptions::default()).await;
+    let zeros = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    // (what, client-final without proof from the exchange's nonce, expected SQLSTATE)
+    type Forge = fn(&str) -> String;
+    let cases: [(&str, Forge, &str); 3] = [
+        (
+            "wrong nonce",
+            |_| "c=biws,r=clientnonceFORGED".into(),
+            "08P01",
+        ),
+        ("wrong c=", |r| format!("c=eSws,r={r}"), "08P01"),
+        ("wrong proof", |r| format!("c=biws,r={r}"), "28P01"),
+    ];
+    for user in [proxy.user.clone(), "ghost".to_owned()] {
+        for (what, without_proof, code) in cases {
+            let (mut s, _, server_first) = scram_first(&proxy, &user).await;
+            let nonce = server_first
+                .strip_prefix("r=")
+                .and_then(|r| r.split(',').next())
+                .unwrap();
+            let mut out = BytesMut::new();
+            let message = format!("{},p={zeros}", without_proof(nonce));
+            messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(message.as_bytes()));
+            s.write_all(&out).await.unwrap();
+            let (got, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+            assert!(closed, "{user}, {what}: connection left open");
+            assert_eq!(sqlstate(&got).as_deref(), Some(code), "{user}, {what}");
+        }
+    }
 }

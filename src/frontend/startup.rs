@@ -307,7 +307,13 @@ async fn authenticate(
             "unsupported SASL mechanism or malformed message".into(),
         ));
     }
-    let (exchange, server_first) = scram::server_first(secret, body).map_err(|_| failed())?;
+    // A malformed or forged message is a protocol violation whoever the user is; only
+    // a proof that does not match is a wrong password.
+    let refused = |error: scram::ScramError| match error {
+        scram::ScramError::BadProof => failed(),
+        other => LoginError::Refused("08P01", other.to_string()),
+    };
+    let (exchange, server_first) = scram::server_first(secret, body).map_err(refused)?;
     out.clear();
     messages::auth_request(&mut out, 11, server_first.as_bytes());
     stream.write_all(&out).await?;
@@ -315,7 +321,7 @@ async fn authenticate(
     let frame = read_auth_frame(stream, buf).await?;
     let server_final = exchange
         .server_final(secret, frame.body())
-        .map_err(|_| failed())?;
+        .map_err(refused)?;
     if !known {
         return Err(failed());
     }

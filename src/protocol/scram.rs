@@ -8,6 +8,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
 /// PostgreSQL's default iteration count for stored SCRAM secrets.
@@ -49,15 +50,7 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 
 /// PBKDF2-HMAC-SHA-256 with one output block ("Hi" in RFC 5802).
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut block = salt.to_vec();
-    block.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password, &block);
-    let mut out = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        out.iter_mut().zip(u.iter()).for_each(|(o, x)| *o ^= x);
-    }
-    out
+    pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(password, salt, iterations)
 }
 
 impl ScramSecret {
@@ -194,11 +187,7 @@ impl ScramExchange {
         }
         let candidate: [u8; 32] = Sha256::digest(client_key).into();
         // Constant-time comparison: do not leak how many bytes matched.
-        let diff = candidate
-            .iter()
-            .zip(secret.stored_key.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        if !bool::from(candidate.ct_eq(&secret.stored_key)) {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&secret.server_key, auth_message.as_bytes());
@@ -257,6 +246,68 @@ mod tests {
             exchange.server_final(&secret, final_msg.as_bytes()),
             Ok("v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=".to_string())
         );
+    }
+
+    /// A client-final-message for `exchange` with the given `c=` and `r=` values and a
+    /// proof that is right for them and `password`: only the server's own checks of
+    /// the binding and the nonce can reject it.
+    fn client_final(password: &str, exchange: &ScramExchange, c: &str, r: &str) -> String {
+        let (salt, i) = exchange
+            .server_first
+            .split(',')
+            .fold((None, 0), |(salt, i), attr| match attr.split_at(2) {
+                ("s=", v) => (B64.decode(v).ok(), i),
+                ("i=", v) => (salt, v.parse().unwrap()),
+                _ => (salt, i),
+            });
+        let salted = hi(password.as_bytes(), &salt.unwrap(), i);
+        let client_key = hmac(&salted, b"Client Key");
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let without_proof = format!("c={c},r={r}");
+        let auth_message = format!(
+            "{},{},{without_proof}",
+            exchange.client_first_bare, exchange.server_first
+        );
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        format!("{without_proof},p={}", B64.encode(proof))
+    }
+
+    #[test]
+    fn a_proof_for_another_nonce_is_a_protocol_error() {
+        let secret = ScramSecret::new("pw");
+        let (exchange, _) = server_first(&secret, b"n,,n=,r=abc").unwrap();
+        let right = client_final("pw", &exchange, "biws", &exchange.nonce);
+        assert!(exchange.server_final(&secret, right.as_bytes()).is_ok());
+        // A replayed or forged final message carries a nonce this exchange never issued.
+        for nonce in ["abc", "abcXYZ", &format!("{}x", exchange.nonce)] {
+            let forged = client_final("pw", &exchange, "biws", nonce);
+            assert_eq!(
+                exchange.server_final(&secret, forged.as_bytes()),
+                Err(ScramError::Malformed("nonce does not match")),
+                "{nonce}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_channel_binding_other_than_the_gs2_header_is_a_protocol_error() {
+        let secret = ScramSecret::new("pw");
+        let (exchange, _) = server_first(&secret, b"n,,n=,r=abc").unwrap();
+        // "y,," and "p=tls-server-end-point,," instead of the "n,," the client sent first
+        // (a downgrade hidden from the first message), and garbage.
+        for c in ["eSws", "cD10bHMtc2VydmVyLWVuZC1wb2ludCws", "!!", ""] {
+            let forged = client_final("pw", &exchange, c, &exchange.nonce);
+            assert_eq!(
+                exchange.server_final(&secret, forged.as_bytes()),
+                Err(ScramError::Malformed("channel binding data does not match")),
+                "c={c}"
+            );
+        }
     }
 
     #[test]
