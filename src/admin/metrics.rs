@@ -36,6 +36,12 @@ pub enum QueryRoute {
 }
 
 impl QueryRoute {
+    const ALL: [QueryRoute; 3] = [QueryRoute::Primary, QueryRoute::Replica, QueryRoute::FanOut];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             QueryRoute::Primary => "primary",
@@ -48,6 +54,10 @@ impl QueryRoute {
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Handles registered once, so the per-transaction calls are an atomic add (a
+    /// registry lookup with labels costs allocations and a lock each time).
+    latency: [metrics::Histogram; 3],
+    queries: std::sync::RwLock<std::collections::HashMap<String, [metrics::Counter; 3]>>,
 }
 
 impl Default for Metrics {
@@ -69,7 +79,17 @@ impl Metrics {
         };
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let m = Metrics { recorder, handle };
+        let latency = metrics::with_local_recorder(&recorder, || {
+            QueryRoute::ALL.map(
+                |route| histogram!("shardgate_query_duration_seconds", "route" => route.as_str()),
+            )
+        });
+        let m = Metrics {
+            recorder,
+            handle,
+            latency,
+            queries: Default::default(),
+        };
         m.with(describe);
         m
     }
@@ -81,19 +101,28 @@ impl Metrics {
     /// A transaction or autocommit statement was routed to `shard` (one count per
     /// server-connection loan; a fan-out counts once per shard it runs on).
     pub fn query(&self, route: QueryRoute, shard: &str) {
-        self.with(|| {
-            counter!("shardgate_queries_total", "route" => route.as_str(), "shard" => shard.to_owned())
-                .increment(1)
+        let known = self.queries.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(counters) = known.get(shard) {
+            counters[route.index()].increment(1);
+            return;
+        }
+        drop(known);
+        let counters = self.with(|| {
+            QueryRoute::ALL.map(|r| {
+                counter!("shardgate_queries_total", "route" => r.as_str(), "shard" => shard.to_owned())
+            })
         });
+        counters[route.index()].increment(1);
+        self.queries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard.to_owned(), counters);
     }
 
     /// How long a query took, from the client's message to the server's
     /// ReadyForQuery.
     pub fn latency(&self, route: QueryRoute, elapsed: Duration) {
-        self.with(|| {
-            histogram!("shardgate_query_duration_seconds", "route" => route.as_str())
-                .record(elapsed.as_secs_f64())
-        });
+        self.latency[route.index()].record(elapsed.as_secs_f64());
     }
 
     /// An ErrorResponse reached a client (from a server or from the proxy), by the
