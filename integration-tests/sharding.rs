@@ -509,3 +509,53 @@ async fn reloads_apply_topology_and_refuse_invalid_maps_and_key_moves() {
         50
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_multi_row_insert_is_split_by_shard() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let ids: Vec<i64> = (1..=6).collect();
+    assert!(ids.iter().any(|&i| shard_of(i) == 0) && ids.iter().any(|&i| shard_of(i) == 1));
+    let names: Vec<String> = ids.iter().map(|i| format!("p{i}")).collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+    for (id, name) in ids.iter().zip(&names) {
+        params.push(id);
+        params.push(name);
+    }
+    let rows = c
+        .query(
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4), ($5, $6), ($7, $8), ($9, $10), ($11, $12) RETURNING id, name",
+            &params,
+        )
+        .await
+        .unwrap();
+    let mut returned: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    returned.sort();
+    assert_eq!(returned, ids);
+    for (shard, (lo, hi)) in BUCKETS.iter().enumerate() {
+        let s = on_shard(shard, &db).await;
+        let expected = ids.iter().filter(|&&i| shard_of(i) == shard).count() as i64;
+        assert_eq!(
+            count(&s, "SELECT count(*) FROM users").await,
+            expected,
+            "shard {shard}"
+        );
+        let misplaced = count(
+            &s,
+            &format!("SELECT count(*) FROM users WHERE (hashint8extended(id, 0) & 1023) NOT BETWEEN {lo} AND {hi}"),
+        )
+        .await;
+        assert_eq!(misplaced, 0);
+    }
+    let n = c
+        .execute(
+            "INSERT INTO users (id, name) VALUES ($1, $2), ($3, $4)",
+            &[&100i64, &"a", &101i64, &"b"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+}
