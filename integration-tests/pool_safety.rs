@@ -350,7 +350,7 @@ async fn terminated_idle_connections_are_never_handed_out() {
     let su = superuser_client(cluster, cluster.primary.1, "postgres").await;
     let killed: i64 = su
         .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND datname = $2",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1 AND datname = $2 AND application_name <> 'shardgate-monitor'",
             &[&cluster.app_user, &cluster.database],
         )
         .await
@@ -368,7 +368,7 @@ async fn terminated_idle_connections_are_never_handed_out() {
             async move {
                 let n: i64 = su
                     .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2",
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND datname = $2 AND application_name <> 'shardgate-monitor'",
                         &[&cluster.app_user, &cluster.database],
                     )
                     .await
