@@ -559,3 +559,46 @@ async fn a_prepared_multi_row_insert_is_split_by_shard() {
         .unwrap();
     assert_eq!(n, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyless_read_inside_a_transaction_sees_the_transactions_writes() {
+    let (proxy, _db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=100).map(|i| format!("({i}, 'u{i}')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    // A keyless read first (the transaction has no shard yet), then a write.
+    assert_eq!(count_simple(&c, "SELECT count(*) FROM users").await, 100);
+    c.batch_execute("INSERT INTO users (id, name) VALUES (1000, 'mine')")
+        .await
+        .unwrap();
+    // The transaction's own shard answers on its connection: the row is counted.
+    assert_eq!(count_simple(&c, "SELECT count(*) FROM users").await, 101);
+    let rows = c
+        .simple_query("SELECT id FROM users ORDER BY id DESC LIMIT 2")
+        .await
+        .unwrap();
+    assert_eq!(
+        simple_rows(&rows),
+        vec![vec![Some("1000".to_owned())], vec![Some("100".to_owned())]]
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count_simple(&c, "SELECT count(*) FROM users").await, 100);
+}
+
+async fn count_simple(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    let rows = c.simple_query(sql).await.unwrap();
+    simple_rows(&rows)[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}

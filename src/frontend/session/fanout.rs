@@ -141,6 +141,10 @@ struct Running {
     /// The leg's final answer (CommandComplete or ErrorResponse) has been received:
     /// nothing runs on its server any more, and it must not be cancelled.
     answered: bool,
+    /// The leg runs on the session's own connection (its open transaction): never
+    /// cancelled, and the connection goes back to the session, not to the pool.
+    keep: bool,
+    kept: Option<PooledConn>,
 }
 
 impl Running {
@@ -153,7 +157,9 @@ impl Running {
         };
         match task.await {
             Ok(Ok(conn)) => {
-                if pool {
+                if self.keep {
+                    self.kept = Some(conn);
+                } else if pool {
                     conn.release();
                 }
                 Ok(())
@@ -218,7 +224,17 @@ where
                 );
                 return Ok(None);
             }
-            let conn = match self.borrow_for_leg(shard, analyzed).await {
+            let own = if self.server_shard == shard && self.server.is_some() {
+                self.server.take()
+            } else {
+                None
+            };
+            let keep = own.is_some();
+            let borrowed = match own {
+                Some(conn) => Ok(conn),
+                None => self.borrow_for_leg(shard, analyzed).await,
+            };
+            let conn = match borrowed {
                 Ok(conn) => conn,
                 Err(SessionError::Backend(error)) => {
                     self.finish_legs(running).await;
@@ -243,6 +259,8 @@ where
                 cancel,
                 done: false,
                 answered: false,
+                keep,
+                kept: None,
             });
         }
         Ok(Some(running))
@@ -252,7 +270,7 @@ where
     /// its pool if the server is idle (it is closed otherwise).
     async fn finish_legs(&mut self, legs: Vec<Running>) {
         for mut leg in legs {
-            let mut cancel = !leg.done && !leg.answered && leg.task.is_some();
+            let mut cancel = !leg.keep && !leg.done && !leg.answered && leg.task.is_some();
             leg.rx.close();
             if cancel {
                 // Most unfinished legs are about to finish by themselves (their LIMIT
@@ -295,6 +313,10 @@ where
             }
             if let Err(error) = leg.join(!cancel).await {
                 tracing::warn!(%error, shard = %self.topo.shards[leg.shard].name, "leg failed");
+            }
+            if let Some(conn) = leg.kept.take() {
+                // Back to the session: its transaction goes on there.
+                self.server = Some(conn);
             }
         }
     }

@@ -261,7 +261,15 @@ where
                     "the statement could not be parsed, so the shard it belongs to is unknown";
                 return self.refused(message).await;
             }
-            _ if in_transaction => {
+            Target::Shards(_) | Target::All { write: false }
+                if in_transaction
+                    && plan.is_read()
+                    && (!self.ops.is_empty() || !self.sout.is_empty()) =>
+            {
+                let message = "a read over several shards inside a transaction must wait for the statements before it (send it after their answers)";
+                return self.refused(message).await;
+            }
+            _ if in_transaction && !plan.is_read() => {
                 let message = "a statement over several shards cannot run inside a transaction (a transaction stays on one shard)";
                 return self.refused(message).await;
             }
@@ -340,8 +348,23 @@ where
             .into_iter()
             .map(|shard| Leg::simple(shard, &text))
             .collect();
+        // Inside a transaction the leg of the transaction's shard runs on its own
+        // connection (it sees the transaction's writes); the other shards answer from
+        // connections of their own (not one snapshot: docs/sharding.md).
+        let status = (self.server.is_some() || self.pending_begin.is_some()).then_some(());
         self.fan_out_read(legs, merge, true).await?;
-        self.ready_idle();
+        match status {
+            Some(()) => {
+                let status = self.client_status();
+                if let Some(started) = self.statement_started.take() {
+                    self.fe
+                        .metrics
+                        .latency(crate::admin::metrics::QueryRoute::FanOut, started.elapsed());
+                }
+                messages::ready_for_query(&mut self.cout, status);
+            }
+            None => self.ready_idle(),
+        }
         Ok(Placement::Answered)
     }
 
