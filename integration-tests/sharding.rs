@@ -592,6 +592,34 @@ async fn a_keyless_read_inside_a_transaction_sees_the_transactions_writes() {
     );
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(count_simple(&c, "SELECT count(*) FROM users").await, 100);
+    // The same through the extended protocol (a driver's transaction).
+    let mut c = c;
+    let t = c.transaction().await.unwrap();
+    let n: i64 = t
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
+    t.execute(
+        "INSERT INTO users (id, name) VALUES ($1, $2)",
+        &[&2000i64, &"mine"],
+    )
+    .await
+    .unwrap();
+    let n: i64 = t
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 101);
+    t.rollback().await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100);
 }
 
 async fn count_simple(c: &tokio_postgres::Client, sql: &str) -> i64 {

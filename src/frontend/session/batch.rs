@@ -108,7 +108,7 @@ where
                 }
             }
         };
-        if self.server.is_some() {
+        if self.server.is_some() && !self.in_explicit_transaction() {
             self.sync_and_release().await?;
         }
         if self.deferred_parse.take().is_some() {
@@ -176,7 +176,12 @@ where
             tag::SYNC => {
                 self.run_batch().await?;
                 self.batch = None;
-                self.ready_idle();
+                if self.in_explicit_transaction() {
+                    let status = self.client_status();
+                    messages::ready_for_query(&mut self.cout, status);
+                } else {
+                    self.ready_idle();
+                }
                 return Ok(true);
             }
             _ if batch.done && self.fanout_failed => {

@@ -175,6 +175,18 @@ where
                     .refuse_extended("the statement could not be parsed, so the shard it belongs to is unknown")
                     .await
             }
+            target @ (Target::Shards(_) | Target::All { write: false })
+                if self.in_explicit_transaction()
+                    && plan.is_read()
+                    && self.ops.is_empty()
+                    && self.sout.is_empty() =>
+            {
+                // A read inside a transaction: the transaction's shard answers on its
+                // own connection (see `fan_out_read`).
+                return self
+                    .start_extended_fan_out(stmt, bind, &plan, &values, target)
+                    .await;
+            }
             _ if self.server.is_some() && !self.held_elsewhere(None) => {
                 return self
                     .refuse_extended("a statement over several shards cannot run inside a transaction (a transaction stays on one shard)")
@@ -230,6 +242,11 @@ where
         );
         self.push(Op::Hidden(Expect::Execute));
         Ok(false)
+    }
+
+    /// The client is inside BEGIN ... COMMIT (deferred or on a server).
+    pub(super) fn in_explicit_transaction(&self) -> bool {
+        self.pending_begin.is_some() || self.server.as_ref().is_some_and(|c| c.txn_status != b'I')
     }
 
     /// The shard the session's transaction is on (the default one between them).
