@@ -154,12 +154,31 @@ impl<V: Clone> ShapeCache<V> {
 }
 
 /// Writes `sql` with every string and numeric literal replaced by `?` into `out`.
-/// Returns false when that cannot be done safely: a backslash (E'' strings and
-/// `standard_conforming_strings = off` let it hide a quote's end), `$` quoting, or an
-/// unterminated quote or comment. Comments and quoted identifiers are kept verbatim,
-/// so hints stay part of the key.
+/// Returns false when that cannot be done safely (see `scan_literals`). Comments and
+/// quoted identifiers are kept verbatim, so hints stay part of the key.
 pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
     out.clear();
+    let mut copied = 0;
+    let ok = scan_literals(sql, |span| {
+        out.push_str(&sql[copied..span.start]);
+        out.push_str(if sql.as_bytes()[span.start] == b'\'' {
+            "'?'"
+        } else {
+            "?"
+        });
+        copied = span.end;
+    });
+    out.push_str(&sql[copied..]);
+    ok
+}
+
+/// Calls `on_literal` with the byte range of every string and numeric literal of
+/// `sql`, in text order: the one definition of "literal" that statement shapes (the
+/// cache key) and the shard planner's literal positions share. Returns false when the
+/// text cannot be scanned safely: a backslash (E'' strings and
+/// `standard_conforming_strings = off` let it hide a quote's end), `$` quoting, or an
+/// unterminated quote or comment.
+pub(crate) fn scan_literals(sql: &str, mut on_literal: impl FnMut(std::ops::Range<usize>)) -> bool {
     let bytes = sql.as_bytes();
     let mut i = 0;
     let mut prev_ident = false;
@@ -182,7 +201,7 @@ pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
                         }
                     }
                 }
-                out.push_str("'?'");
+                on_literal(i..j);
                 i = j;
                 prev_ident = false;
                 continue;
@@ -199,24 +218,23 @@ pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
                 let Some(end) = end else {
                     return false;
                 };
-                out.push_str(&sql[i..end]);
                 prev_ident = b == b'"';
                 i = end;
                 continue;
             }
             b'0'..=b'9' if !prev_ident => {
+                let start = i;
                 while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
                     i += 1;
                 }
-                out.push('?');
+                on_literal(start..i);
                 prev_ident = false;
                 continue;
             }
             _ => {}
         }
-        // Copy one character (multi-byte ones whole).
+        // Step one character (multi-byte ones whole).
         let len = sql[i..].chars().next().map_or(1, char::len_utf8);
-        out.push_str(&sql[i..i + len]);
         prev_ident = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
         i += len;
     }

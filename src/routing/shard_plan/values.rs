@@ -28,68 +28,13 @@ const OID_TIMESTAMPTZ: u32 = 1184;
 const OID_UUID: u32 = 2950;
 
 /// Byte ranges of the literals of `sql` in text order, by exactly the rules of the
-/// analysis cache's `cache_key` (`cache.rs`): `'...'` strings with `''` escapes, and
-/// numbers not preceded by an identifier character; comments and quoted identifiers
-/// are skipped. `None` when `cache_key` would refuse the text (a backslash, `$`
-/// quoting, an unterminated quote or comment).
+/// analysis cache's key (one scanner, `cache::scan_literals`), so a plan made from one
+/// text of a shape finds its literals in every other text of that shape. `None` when
+/// the key would be the full text (a backslash, `$` quoting, an unterminated quote or
+/// comment).
 pub fn literal_spans(sql: &str) -> Option<Vec<Range<usize>>> {
-    let bytes = sql.as_bytes();
     let mut spans = Vec::new();
-    let mut i = 0;
-    let mut prev_ident = false;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match b {
-            b'\\' => return None,
-            b'$' if !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => return None,
-            b'\'' => {
-                let mut j = i + 1;
-                loop {
-                    match bytes[j..].iter().position(|&c| c == b'\'') {
-                        None => return None,
-                        Some(k) if bytes[j..j + k].contains(&b'\\') => return None,
-                        Some(k) if bytes.get(j + k + 1) == Some(&b'\'') => j += k + 2,
-                        Some(k) => {
-                            j += k + 1;
-                            break;
-                        }
-                    }
-                }
-                spans.push(i..j);
-                i = j;
-                prev_ident = false;
-                continue;
-            }
-            b'"' | b'-' | b'/' => {
-                let end = match (b, bytes.get(i + 1)) {
-                    (b'"', _) => sql[i + 1..].find('"').map(|k| i + 1 + k + 1),
-                    (b'-', Some(b'-')) => {
-                        Some(sql[i..].find('\n').map_or(sql.len(), |k| i + k + 1))
-                    }
-                    (b'/', Some(b'*')) => sql[i + 2..].find("*/").map(|k| i + 2 + k + 2),
-                    _ => Some(i + 1),
-                };
-                let end = end?;
-                prev_ident = b == b'"';
-                i = end;
-                continue;
-            }
-            b'0'..=b'9' if !prev_ident => {
-                let start = i;
-                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
-                    i += 1;
-                }
-                spans.push(start..i);
-                prev_ident = false;
-                continue;
-            }
-            _ => {}
-        }
-        let len = sql[i..].chars().next().map_or(1, char::len_utf8);
-        prev_ident = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
-        i += len;
-    }
-    Some(spans)
+    crate::routing::cache::scan_literals(sql, |span| spans.push(span)).then_some(spans)
 }
 
 /// The text of a literal span: a string's body with `''` undoubled, or a number.
