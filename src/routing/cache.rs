@@ -107,13 +107,43 @@ impl<V: Clone> ShapeCache<V> {
     /// (outside the lock). Texts the blanking cannot treat safely are keyed by their
     /// full text; very long ones are computed every time.
     pub fn get_or_compute(&self, sql: &str, compute: impl FnOnce(&str) -> V) -> V {
+        self.get_or_compute_with(sql, None, compute)
+    }
+
+    /// `get_or_compute`, also filling `spans` with the literals' byte ranges found by
+    /// the same scan that builds the key (left empty when the text is keyed whole).
+    pub fn get_or_compute_spans(
+        &self,
+        sql: &str,
+        spans: &mut Vec<std::ops::Range<usize>>,
+        compute: impl FnOnce(&str) -> V,
+    ) -> V {
+        self.get_or_compute_with(sql, Some(spans), compute)
+    }
+
+    fn get_or_compute_with(
+        &self,
+        sql: &str,
+        mut spans: Option<&mut Vec<std::ops::Range<usize>>>,
+        compute: impl FnOnce(&str) -> V,
+    ) -> V {
         if sql.len() > MAX_KEY_LEN {
+            // Not cached, but the caller still needs this text's literal positions.
+            if let Some(spans) = spans {
+                spans.clear();
+                if !scan_literals(sql, |span| spans.push(span)) {
+                    spans.clear();
+                }
+            }
             return compute(sql);
         }
         KEY.with_borrow_mut(|key| {
-            if !cache_key(sql, key) {
+            if !key_and_spans(sql, key, spans.as_deref_mut()) {
                 key.clear();
                 key.push_str(sql);
+                if let Some(spans) = spans {
+                    spans.clear();
+                }
             }
             let shard = &self.shards[self.hasher.hash_one(key.as_str()) as usize % SHARDS];
             if let Some(hit) = self.lookup(shard, key) {
@@ -156,8 +186,21 @@ impl<V: Clone> ShapeCache<V> {
 /// Writes `sql` with every string and numeric literal replaced by `?` into `out`.
 /// Returns false when that cannot be done safely (see `scan_literals`). Comments and
 /// quoted identifiers are kept verbatim, so hints stay part of the key.
+#[cfg(test)]
 pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
+    key_and_spans(sql, out, None)
+}
+
+/// `cache_key`, also collecting the literals' byte ranges into `spans` when given.
+fn key_and_spans(
+    sql: &str,
+    out: &mut String,
+    mut spans: Option<&mut Vec<std::ops::Range<usize>>>,
+) -> bool {
     out.clear();
+    if let Some(spans) = spans.as_deref_mut() {
+        spans.clear();
+    }
     let mut copied = 0;
     let ok = scan_literals(sql, |span| {
         out.push_str(&sql[copied..span.start]);
@@ -167,6 +210,9 @@ pub(crate) fn cache_key(sql: &str, out: &mut String) -> bool {
             "?"
         });
         copied = span.end;
+        if let Some(spans) = spans.as_deref_mut() {
+            spans.push(span);
+        }
     });
     out.push_str(&sql[copied..]);
     ok
@@ -300,6 +346,24 @@ mod tests {
         ] {
             assert_eq!(key(unsafe_text), None, "{unsafe_text}");
         }
+    }
+
+    #[test]
+    fn the_key_scan_also_gives_literal_positions_for_short_and_long_texts() {
+        let cache: ShapeCache<u8> = ShapeCache::new(16);
+        let mut spans = Vec::new();
+        let sql = "SELECT 'a''b', x1 FROM t WHERE id = 42";
+        cache.get_or_compute_spans(sql, &mut spans, |_| 0);
+        let found: Vec<&str> = spans.iter().map(|r| &sql[r.clone()]).collect();
+        assert_eq!(found, ["'a''b'", "42"]);
+        let long = format!("SELECT 7 /* {} */", "x".repeat(MAX_KEY_LEN));
+        cache.get_or_compute_spans(&long, &mut spans, |_| 0);
+        assert_eq!(
+            spans.iter().map(|r| &long[r.clone()]).collect::<Vec<_>>(),
+            ["7"]
+        );
+        cache.get_or_compute_spans("SELECT $$x$$", &mut spans, |_| 0);
+        assert!(spans.is_empty());
     }
 
     #[test]

@@ -59,11 +59,12 @@ where
             self.next_shard = self.current_shard();
             return Ok(false);
         }
+        // One scan gives the shape key and this text's literal positions.
+        let mut spans = Vec::new();
         let plan = self
             .fe
             .shard_plans
-            .get_or_compute(sql, |text| Arc::new(shard_plan::plan(text)));
-        let spans = shard_plan::literal_spans(sql).unwrap_or_default();
+            .get_or_compute_spans(sql, &mut spans, |text| Arc::new(shard_plan::plan(text)));
         let values = Values::simple(sql, &spans);
         let target = shard_plan::route(&plan, &self.topo.map, &values);
         let placement = match &target {
