@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use serde_saphyr::{Options, Spanned};
 
-use super::raw::{RawConfig, RawFailover, RawLimits, RawPool, RawRouting, RawTls, RawUser, Text};
+use super::raw::{
+    RawConfig, RawFailover, RawLimits, RawPool, RawReshard, RawRouting, RawTls, RawUser, Text,
+};
 use super::units::{parse_duration, parse_size};
 use super::{
     AdminConfig, Config, ControlConfig, FailoverConfig, LimitsConfig, PoolConfig, PoolMode,
-    RoutingConfig, TlsConfig, UserConfig, DEFAULT_LISTEN,
+    ReshardConfig, RoutingConfig, TlsConfig, UserConfig, DEFAULT_LISTEN,
 };
 use crate::shard_map::yaml::{Issue, Position};
 
@@ -48,6 +50,7 @@ pub(super) fn build(text: &str, source: &Path) -> Result<Config, Issue> {
         control,
         routing: routing(raw.routing.unwrap_or_default())?,
         failover: failover(raw.failover.unwrap_or_default())?,
+        reshard: reshard(raw.reshard.unwrap_or_default(), base)?,
         shard_map: path(&raw.shard_map, "shard_map", base)?,
     })
 }
@@ -219,6 +222,45 @@ fn limits(raw: RawLimits) -> Result<LimitsConfig, Issue> {
             "limits.shutdown_grace",
             d.shutdown_grace,
         )?,
+        max_unauthenticated: at_least_one(
+            raw.max_unauthenticated,
+            "limits.max_unauthenticated",
+            d.max_unauthenticated,
+        )?,
+        startup_wait: positive_duration(
+            raw.startup_wait.as_ref(),
+            "limits.startup_wait",
+            d.startup_wait,
+        )?,
+        // Zero turns these two off.
+        idle_in_transaction_timeout: duration(
+            raw.idle_in_transaction_timeout.as_ref(),
+            "limits.idle_in_transaction_timeout",
+            d.idle_in_transaction_timeout,
+        )?,
+        client_idle_timeout: duration(
+            raw.client_idle_timeout.as_ref(),
+            "limits.client_idle_timeout",
+            d.client_idle_timeout,
+        )?,
+    })
+}
+
+fn reshard(raw: RawReshard, base: &Path) -> Result<ReshardConfig, Issue> {
+    let d = ReshardConfig::default();
+    Ok(ReshardConfig {
+        max_pause: positive_duration(raw.max_pause.as_ref(), "reshard.max_pause", d.max_pause)?,
+        cutover_lag: size(
+            raw.cutover_lag.as_ref(),
+            "reshard.cutover_lag",
+            d.cutover_lag,
+        )?,
+        delete_batch: at_least_one(raw.delete_batch, "reshard.delete_batch", d.delete_batch)?,
+        state_file: raw
+            .state_file
+            .as_ref()
+            .map(|t| path(t, "reshard.state_file", base))
+            .transpose()?,
     })
 }
 

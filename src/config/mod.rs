@@ -38,6 +38,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub routing: RoutingConfig,
     pub failover: FailoverConfig,
+    pub reshard: ReshardConfig,
     pub shard_map: PathBuf,
 }
 
@@ -91,6 +92,16 @@ pub struct LimitsConfig {
     pub login_timeout: Duration,
     /// How long SIGTERM waits for open transactions before closing connections.
     pub shutdown_grace: Duration,
+    /// Connections that have not finished authentication, counted apart from
+    /// `max_client_connections`; beyond this new sockets get 53300 at once.
+    pub max_unauthenticated: usize,
+    /// How long a new connection may stay silent before its first message.
+    pub startup_wait: Duration,
+    /// A client idle inside a transaction this long is rolled back on the server and
+    /// gets 25P03; zero is off.
+    pub idle_in_transaction_timeout: Duration,
+    /// A client idle outside a transaction this long is closed; zero is off.
+    pub client_idle_timeout: Duration,
 }
 
 /// A role clients log in as; the same name and password are used towards the backends.
@@ -127,6 +138,31 @@ pub struct FailoverConfig {
     pub buffer: Duration,
 }
 
+/// Online resharding (DESIGN.md section 8).
+#[derive(Debug, Clone)]
+pub struct ReshardConfig {
+    /// Longest time new transactions touching the moving keys are held at cutover.
+    pub max_pause: Duration,
+    /// The target may be this far behind (bytes of source WAL) for cutover to start.
+    pub cutover_lag: u64,
+    /// Rows deleted from the source per statement during clean-up.
+    pub delete_batch: usize,
+    /// Where job state is kept (so a restart resumes or cleans up); default: next to
+    /// the shard map, `<map file>.reshard.json`.
+    pub state_file: Option<PathBuf>,
+}
+
+impl Default for ReshardConfig {
+    fn default() -> Self {
+        ReshardConfig {
+            max_pause: Duration::from_secs(2),
+            cutover_lag: 1 << 20,
+            delete_batch: 5000,
+            state_file: None,
+        }
+    }
+}
+
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
@@ -156,6 +192,10 @@ impl Default for LimitsConfig {
             max_message_size: 64 << 20,
             login_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            max_unauthenticated: 100,
+            startup_wait: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(10 * 60),
+            client_idle_timeout: Duration::ZERO,
         }
     }
 }

@@ -22,6 +22,7 @@ pub(crate) struct RawConfig {
     pub control: Option<RawControl>,
     pub routing: Option<RawRouting>,
     pub failover: Option<RawFailover>,
+    pub reshard: Option<RawReshard>,
     pub shard_map: Text,
 }
 
@@ -57,6 +58,10 @@ pub(crate) struct RawLimits {
     pub max_message_size: Option<Text>,
     pub login_timeout: Option<Text>,
     pub shutdown_grace: Option<Text>,
+    pub max_unauthenticated: Option<Spanned<usize>>,
+    pub startup_wait: Option<Text>,
+    pub idle_in_transaction_timeout: Option<Text>,
+    pub client_idle_timeout: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,4 +92,13 @@ pub(crate) struct RawFailover {
     pub auto: Option<bool>,
     pub after: Option<Text>,
     pub buffer: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawReshard {
+    pub max_pause: Option<Text>,
+    pub cutover_lag: Option<Text>,
+    pub delete_batch: Option<Spanned<usize>>,
+    pub state_file: Option<Text>,
 }
