@@ -279,10 +279,8 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
     frontend
         .admin
         .set_promoter(Arc::new(failover::ConsolePromoter(failover.clone())));
-    let supervisor = config
-        .failover
-        .auto
-        .then(|| failover::spawn_supervisor(failover.clone(), rx.clone()));
+    // Fencing runs always; promotions only with failover.auto.
+    let supervisor = failover::spawn_supervisor(failover.clone(), rx.clone());
     let listener = Listener {
         listener,
         fe: frontend.clone(),
@@ -293,9 +291,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         listener.run(rx, grace).await;
         reaper.abort();
         triggers.abort();
-        if let Some(supervisor) = supervisor {
-            supervisor.abort();
-        }
+        supervisor.abort();
     });
     tracing::info!(%local_addr, database = %map.database, "shardgate listening");
     Ok(ProxyHandle {

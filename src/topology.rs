@@ -22,6 +22,11 @@ pub enum Exclusion {
     /// Replay is further behind than `max_replica_lag` / `max_replica_lag_bytes`, or
     /// has not yet come back under the re-admission threshold (hysteresis).
     Lagging { bytes: u64, millis: u64 },
+    /// The node answers as a primary but must not be one: its timeline is older than
+    /// one seen elsewhere in the shard, it belongs to another database system, or the
+    /// map names another primary (control/monitor/fence.rs). It gets no reads, and the
+    /// control plane keeps writes away from it even when it is the map's primary.
+    Fenced(String),
 }
 
 /// One node as the monitor last saw it.
@@ -37,7 +42,8 @@ pub struct NodeFreshness {
     pub lag_bytes: u64,
     /// Replica only: 0 when it has replayed everything it received.
     pub lag_millis: u64,
-    /// None when the node may serve reads (replicas only; the primary always may).
+    /// None when the node may serve reads (replicas; the primary always may, unless
+    /// it is `Fenced`).
     pub excluded: Option<Exclusion>,
 }
 

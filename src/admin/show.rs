@@ -51,6 +51,9 @@ fn health(node: Option<&NodeFreshness>) -> &'static str {
 /// it serves.
 fn why_excluded(index: usize, node: Option<&NodeFreshness>) -> Option<String> {
     let node = node?;
+    if let Some(Exclusion::Fenced(why)) = &node.excluded {
+        return Some(format!("fenced: {why}"));
+    }
     if index == 0 {
         return match (node.healthy, node.in_recovery) {
             (false, _) => Some("down".into()),
@@ -62,6 +65,7 @@ fn why_excluded(index: usize, node: Option<&NodeFreshness>) -> Option<String> {
         Exclusion::Unknown => "not probed yet".to_owned(),
         Exclusion::Down(why) => format!("down: {why}"),
         Exclusion::NotReplica => "not in recovery (not a replica)".to_owned(),
+        Exclusion::Fenced(why) => format!("fenced: {why}"),
         Exclusion::Lagging { bytes, millis } => {
             format!("lagging: {bytes} bytes, {millis} ms behind")
         }
@@ -79,12 +83,12 @@ fn connections(fe: &Frontend, node: &BackendNode) -> (u64, u64) {
         })
 }
 
-/// The primary is reachable and not in recovery, per the latest probe.
+/// The primary is reachable, not in recovery and not fenced, per the latest probe.
 pub fn writable(fresh: &crate::topology::Freshness) -> bool {
     fresh
         .nodes
         .first()
-        .is_some_and(|p| p.healthy && !p.in_recovery)
+        .is_some_and(|p| p.healthy && !p.in_recovery && p.excluded.is_none())
 }
 
 fn shards(fe: &Frontend) -> Table {
@@ -153,7 +157,8 @@ fn nodes(fe: &Frontend) -> Table {
                 in_use.into(),
                 idle.into(),
                 why_excluded(i, f).into(),
-                false.into(),
+                f.is_some_and(|f| matches!(f.excluded, Some(Exclusion::Fenced(_))))
+                    .into(),
             ]);
         }
     }

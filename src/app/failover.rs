@@ -16,6 +16,12 @@
 //!    a reload. The old primary is in no map the proxy routes by, so it never receives
 //!    writes through the proxy again, whatever it believes when it comes back; it is
 //!    listed in `Frontend::fenced`.
+//! 6. Keep fencing (failover/fence.rs): the monitor fences by timeline and system
+//!    identifier, not by `pg_is_in_recovery()` alone (control/monitor/fence.rs). A
+//!    fenced node that answers as a primary is made read-only on the server; a map whose
+//!    primary is fenced while one of its replicas is the newer primary (a stale map, a
+//!    promotion the map did not record) gets that replica adopted as the primary without
+//!    promoting anything; old primaries outside the map are checked the same way.
 //!
 //! While a shard has no primary, sessions hold its writes for `failover.buffer` and
 //! then fail them with 57P03 (session/mod.rs); reads keep going to replicas.
@@ -34,7 +40,9 @@ use crate::config::Config;
 use crate::control::monitor::MonitorNode;
 use crate::frontend::Frontend;
 use crate::shard_map::{NodeAddr, ShardMap};
-use crate::topology::parse_lsn;
+use crate::topology::{parse_lsn, Exclusion, Freshness};
+
+mod fence;
 
 /// How long the other replicas get to stream from the new primary before we report
 /// them as not following (the promotion stands).
@@ -140,7 +148,18 @@ impl Failover {
         let nodes = monitor_nodes(&self.config, &map, spec);
         let old = &nodes[0];
         let timeout = self.config.pool.connect_timeout;
-        if let Some(primary) = writable(old, timeout).await {
+        let fresh = topology
+            .shards
+            .iter()
+            .find(|s| s.name == shard)
+            .map(|s| s.fresh.load_full());
+        // A fenced old primary may answer as a writable primary: it is no primary.
+        let old_fenced = fresh.as_deref().is_some_and(|f| is_fenced(f, 0));
+        let alive = match old_fenced {
+            true => None,
+            false => writable(old, timeout).await,
+        };
+        if let Some(primary) = alive {
             if !manual {
                 return Err(FailoverError::PrimaryAlive(shard.to_owned(), addr(old)));
             }
@@ -155,17 +174,39 @@ impl Failover {
                 })?;
             let _ = wait_replayed(candidates, target, timeout).await;
         }
-        let (index, candidate) = choose(&nodes[1..], node, timeout)
-            .await
-            .map_err(|why| FailoverError::NoCandidate(shard.to_owned(), why))?;
+        // A replica already promoted (by a run of ours that could not record it, or by
+        // hand) and not fenced is adopted: promoting another would make two primaries.
+        let adopted = fresh
+            .as_deref()
+            .and_then(|f| promoted_replica(f, &nodes, node));
+        let (index, candidate) = match adopted {
+            Some(index) => {
+                let client = writable(&nodes[1 + index], timeout).await.ok_or_else(|| {
+                    FailoverError::NoCandidate(
+                        shard.to_owned(),
+                        format!(
+                            "{} is no longer a reachable primary",
+                            addr(&nodes[1 + index])
+                        ),
+                    )
+                })?;
+                tracing::warn!(shard, node = %addr(&nodes[1 + index]), "adopting a replica that is already a primary");
+                (index, client)
+            }
+            None => choose(&nodes[1..], node, timeout)
+                .await
+                .map_err(|why| FailoverError::NoCandidate(shard.to_owned(), why))?,
+        };
         let promote_error = |reason: String| FailoverError::Promote {
             shard: shard.to_owned(),
             node: addr(&nodes[1 + index]),
             reason,
         };
-        run(&candidate, "SELECT pg_promote(true, 60)")
-            .await
-            .map_err(&promote_error)?;
+        if adopted.is_none() {
+            run(&candidate, "SELECT pg_promote(true, 60)")
+                .await
+                .map_err(&promote_error)?;
+        }
         if scalar(&candidate, "SELECT pg_is_in_recovery()::text")
             .await
             .as_deref()
@@ -173,6 +214,14 @@ impl Failover {
         {
             return Err(promote_error("still in recovery after pg_promote".into()));
         }
+        // A node fenced or switched over earlier was made read-only with ALTER SYSTEM, and
+        // a replica rebuilt from it may carry that: the new primary must take writes.
+        run(
+            &candidate,
+            "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf()",
+        )
+        .await
+        .map_err(&promote_error)?;
         let new_primary = &nodes[1 + index];
         let others: Vec<&MonitorNode> = nodes[1..]
             .iter()
@@ -254,20 +303,28 @@ impl crate::admin::Promoter for ConsolePromoter {
     }
 }
 
-/// Promotes automatically: a shard whose primary the monitor has seen down for
-/// `failover.after` gets a promotion (one at a time per shard).
+/// Keeps fenced nodes away from writes (always, fence.rs) and, with `failover.auto`,
+/// promotes: a shard whose primary the monitor has seen down for `failover.after` gets
+/// a promotion (one at a time per shard).
 pub(super) fn spawn_supervisor(
     failover: Arc<Failover>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let fencer = tokio::spawn(fence::run_fencer(failover.clone(), stop.clone()));
         let after = failover.config.failover.after;
         let mut down_since: HashMap<String, Instant> = HashMap::new();
         let mut tick = tokio::time::interval(failover.config.routing.lag_check_interval);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    fencer.abort();
+                    return;
+                }
+            }
+            if !failover.config.failover.auto {
+                continue;
             }
             let topology = failover.fe.topology.load_full();
             for shard in &topology.shards {
@@ -296,6 +353,33 @@ pub(super) fn spawn_supervisor(
 
 fn addr(node: &MonitorNode) -> String {
     format!("{}:{}", node.host, node.port)
+}
+
+/// The monitor fenced node `i` (control/monitor/fence.rs).
+fn is_fenced(fresh: &Freshness, i: usize) -> bool {
+    fresh
+        .nodes
+        .get(i)
+        .is_some_and(|n| matches!(n.excluded, Some(Exclusion::Fenced(_))))
+}
+
+/// A replica of the map (index into the replicas) that the monitor saw answer as an
+/// unfenced primary: a promotion the map does not record yet. `wanted` (host:port)
+/// restricts it to that node.
+fn promoted_replica(
+    fresh: &Freshness,
+    nodes: &[MonitorNode],
+    wanted: Option<&str>,
+) -> Option<usize> {
+    (1..nodes.len().min(fresh.nodes.len()))
+        .find(|&i| {
+            let n = &fresh.nodes[i];
+            n.healthy
+                && !n.in_recovery
+                && !is_fenced(fresh, i)
+                && wanted.is_none_or(|w| w == addr(&nodes[i]))
+        })
+        .map(|i| i - 1)
 }
 
 async fn connect(node: &MonitorNode, timeout: Duration) -> Option<Client> {

@@ -39,9 +39,17 @@ const MAX_MARKS: usize = 64;
 /// receive position is NULL, and the position is the insert position: with
 /// `synchronous_commit = off` a commit is acknowledged before its WAL is written, and
 /// read-your-writes must still count it.
+/// Then the timeline and the system identifier, for fencing (monitor/fence.rs): a
+/// primary's timeline is the one it writes WAL on (the first 8 hex digits of the WAL file
+/// name); a replica's is a lower bound, the newer of its last restart point's and the
+/// one it receives. The pg_control functions and `pg_walfile_name` need no privilege.
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery()::text, \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END)::text, \
-     pg_last_wal_receive_lsn()::text";
+     pg_last_wal_receive_lsn()::text, \
+     (CASE WHEN pg_is_in_recovery() \
+      THEN greatest((SELECT timeline_id FROM pg_control_checkpoint()), (SELECT received_tli FROM pg_stat_wal_receiver)) \
+      ELSE ('x' || left(pg_walfile_name(pg_current_wal_insert_lsn()), 8))::bit(32)::int END)::text, \
+     (SELECT system_identifier FROM pg_control_system())::text";
 
 /// How the monitor reaches one node: index 0 of the list is the primary.
 #[derive(Debug, Clone)]
@@ -87,6 +95,10 @@ pub struct Sample {
     pub lsn: u64,
     /// Replica: last position received from the primary.
     pub received: Option<u64>,
+    /// Primary: the timeline it writes on. Replica: a lower bound of its timeline.
+    pub timeline: Option<u32>,
+    /// `pg_control_system().system_identifier`: shared by a primary and its replicas.
+    pub system: Option<i64>,
     /// When the probe query was sent (it ran on the server after this).
     pub sent: std::time::Instant,
 }
@@ -143,17 +155,25 @@ async fn run(nodes: Vec<MonitorNode>, settings: MonitorSettings, fresh: SharedFr
         })
         .collect();
     let mut history = PrimaryHistory::default();
+    let mut fence_memory = fence::FenceMemory::default();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let samples = probe_round(&mut states, &settings).await;
         let now = std::time::Instant::now();
-        if let Some(Ok(primary)) = samples.first() {
+        let fenced = fence::verdicts(&samples, &mut fence_memory);
+        // A fenced primary's positions are not the shard's: lag is not measured by them.
+        if let (Some(Ok(primary)), Some(None)) = (samples.first(), fenced.first()) {
             history.observe(primary, settings.max_lag * 2);
         }
         let prev = fresh.load_full();
-        let next = assess(&prev, &samples, &history, &settings, now);
+        let mut next = assess(&prev, &samples, &history, &settings, now);
+        for (node, why) in next.nodes.iter_mut().zip(fenced) {
+            if let Some(why) = why {
+                node.excluded = Some(Exclusion::Fenced(why));
+            }
+        }
         log_changes(&prev, &next);
         fresh.store(Arc::new(next));
     }
@@ -264,6 +284,8 @@ fn parse_sample(messages: &[SimpleQueryMessage], sent: std::time::Instant) -> Op
         in_recovery: row.get(0)? == "true",
         lsn: parse_lsn(row.get(1)?)?,
         received: row.get(2).and_then(parse_lsn),
+        timeline: row.get(3).and_then(|t| t.parse().ok()),
+        system: row.get(4).and_then(|t| t.parse().ok()),
         sent,
     })
 }
@@ -426,6 +448,10 @@ fn log_changes(prev: &Freshness, next: &Freshness) {
             continue;
         }
         match &node.excluded {
+            Some(Exclusion::Fenced(why)) => {
+                tracing::error!(node = %node.addr, why, "node fenced: no reads, no writes")
+            }
+            None if i == 0 => tracing::info!(node = %node.addr, "primary no longer fenced"),
             None => tracing::info!(node = %node.addr, "replica serves reads"),
             Some(why) => {
                 tracing::warn!(node = %node.addr, reason = ?why, "replica excluded from reads")
@@ -434,5 +460,6 @@ fn log_changes(prev: &Freshness, next: &Freshness) {
     }
 }
 
+pub mod fence;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,8 @@ fn primary(lsn: u64) -> Result<Sample, String> {
         in_recovery: false,
         lsn,
         received: None,
+        timeline: Some(1),
+        system: Some(1),
         sent: std::time::Instant::now(),
     })
 }
@@ -37,6 +39,8 @@ fn probe(at: Instant, lsn: u64) -> Sample {
         in_recovery: false,
         lsn,
         received: None,
+        timeline: Some(1),
+        system: Some(1),
         sent: at,
     }
 }
@@ -46,6 +50,8 @@ fn replica(lsn: u64, received: u64) -> Result<Sample, String> {
         in_recovery: true,
         lsn,
         received: Some(received),
+        timeline: Some(1),
+        system: Some(1),
         sent: std::time::Instant::now(),
     })
 }
