@@ -95,7 +95,11 @@ fn shard_nodes(shard: &ShardSpec) -> Vec<&NodeAddr> {
         .collect()
 }
 
-fn monitor_nodes(config: &Config, map: &ShardMap, shard: &ShardSpec) -> Vec<MonitorNode> {
+pub(crate) fn monitor_nodes(
+    config: &Config,
+    map: &ShardMap,
+    shard: &ShardSpec,
+) -> Vec<MonitorNode> {
     let control = config.user(&config.control.user);
     shard_nodes(shard)
         .into_iter()
@@ -127,6 +131,7 @@ fn shard_runtimes(config: &Config, map: &ShardMap) -> Vec<(ShardRuntime, Vec<Mon
                 name: name.clone(),
                 nodes: shard_nodes(spec).into_iter().map(backend_node).collect(),
                 fresh,
+                read_floor: 0,
             };
             (shard, monitor)
         })
@@ -197,6 +202,7 @@ pub fn build_frontend(
         // A paused shard holds a new transaction as long as a pool would.
         pauses: crate::admin::pause::Pauses::new(config.pool.acquire_timeout),
         metrics: Default::default(),
+        reshard: Default::default(),
     })
 }
 
@@ -228,6 +234,24 @@ fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppErr
 
 /// Binds and starts the proxy in the current tokio runtime.
 pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppError> {
+    // A reshard job the last run left: route by the map it says, resume it below.
+    let job = match crate::reshard::load_state(&crate::reshard::state_path(config)) {
+        Ok(job) => job,
+        Err(error) => {
+            tracing::error!(%error, "ignoring the reshard job state file");
+            None
+        }
+    };
+    let job_map = job.as_ref().and_then(|state| {
+        match crate::reshard::routing_map(state, &config.shard_map) {
+            Ok(map) => Some(map),
+            Err(error) => {
+                tracing::error!(%error, "the reshard job state has an invalid map; ignoring it");
+                None
+            }
+        }
+    });
+    let map = job_map.as_ref().unwrap_or(map);
     let (shards, monitored): (Vec<_>, Vec<_>) = shard_runtimes(config, map).into_iter().unzip();
     let published: Vec<SharedFreshness> = shards.iter().map(|s| s.fresh.clone()).collect();
     let frontend = Arc::new(build_frontend(config, map, shards)?);
@@ -261,6 +285,9 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         monitors,
     ));
     frontend.admin.set_reloader(&reloader);
+    if let (Some(state), Some(_)) = (job, &job_map) {
+        resume_reshard(&frontend, config, &reloader, state);
+    }
     let metrics_addr = match config.metrics {
         Some(addr) => {
             let (bound, _task) = crate::admin::http::spawn(addr, frontend.clone(), rx.clone())
@@ -306,6 +333,39 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
 }
 
 /// Closes idle server connections past their idle timeout, a few times per timeout.
+/// Resumes a persisted reshard job, or shows how the last one ended.
+fn resume_reshard(
+    fe: &Arc<Frontend>,
+    config: &Config,
+    reloader: &Arc<reload::Reloader>,
+    state: crate::reshard::JobState,
+) {
+    if state.phase.is_final() {
+        fe.reshard.set_status(crate::reshard::Status {
+            job: state.id,
+            phase: state.phase.as_str().into(),
+            started_at: state.started_at,
+            verify: state.verify.clone(),
+            error: state.error.clone(),
+            ..Default::default()
+        });
+        return;
+    }
+    tracing::info!(
+        job = state.id,
+        phase = state.phase.as_str(),
+        "resuming the reshard job"
+    );
+    crate::reshard::spawn(
+        crate::reshard::JobContext {
+            fe: fe.clone(),
+            config: config.clone(),
+            publisher: reloader.clone(),
+        },
+        state,
+    );
+}
+
 fn spawn_reaper(
     fe: Arc<Frontend>,
     idle_timeout: Duration,

@@ -22,6 +22,7 @@ pub mod frontend;
 pub mod local_cluster;
 pub mod merge;
 pub mod protocol;
+pub mod reshard;
 pub mod routing;
 pub mod shard_map;
 pub mod topology;

@@ -38,6 +38,9 @@ enum Command {
     Check,
     /// Start a local cluster (primary + streaming replica) and the proxy in front of it.
     Demo,
+    /// Print what editing the shard map from OLD to NEW would move (a dry run). With
+    /// --config, row estimates come from the source shards' statistics.
+    Plan { old: PathBuf, new: PathBuf },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -66,6 +69,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Check) => check(cli.config),
         Some(Command::Demo) => shardgate::demo::run().map_err(Into::into),
+        Some(Command::Plan { old, new }) => plan(cli.config, &old, &new),
         None => run(cli.config),
     };
     match result {
@@ -104,6 +108,62 @@ fn check(path: Option<PathBuf>) -> anyhow::Result<()> {
             replicas.join(", ")
         );
     }
+    Ok(())
+}
+
+fn plan(config: Option<PathBuf>, old: &std::path::Path, new: &std::path::Path) -> anyhow::Result<()> {
+    use shardgate::reshard::plan;
+    let old_map = ShardMap::load(old)?;
+    let new_map = ShardMap::load(new)?;
+    let moves = plan::diff(&old_map, &new_map)
+        .with_context(|| format!("{} -> {}", old.display(), new.display()))?;
+    let (added, removed) = plan::shard_changes(&old_map, &new_map);
+    println!(
+        "shard map version {} -> {}",
+        old_map.version, new_map.version
+    );
+    for shard in &added {
+        println!("  shard {shard}: added");
+    }
+    for shard in &removed {
+        println!("  shard {shard}: removed");
+    }
+    if moves.is_empty() {
+        println!("nothing moves: the edit applies at once on RELOAD");
+        return Ok(());
+    }
+    for m in &moves.moves {
+        for piece in &m.pieces {
+            let tables: Vec<&str> = m.tables.iter().map(|(t, _)| t.as_str()).collect();
+            println!(
+                "  keyspace {}: {} moves {} -> {} (tables: {})",
+                m.keyspace,
+                plan::describe(m.axis, piece),
+                piece.source,
+                piece.target,
+                tables.join(", ")
+            );
+        }
+    }
+    let Some(path) = config else {
+        println!("(pass --config to estimate rows from the source shards' statistics)");
+        return Ok(());
+    };
+    let config = Config::load(&path)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let estimates = runtime.block_on(shardgate::reshard::estimates(&config, &old_map, &moves));
+    let mut total = (0u64, 0u64);
+    for (source, target, table, estimate) in estimates {
+        match estimate {
+            Ok((rows, bytes)) => {
+                total.0 += rows;
+                total.1 += bytes;
+                println!("  {table} {source} -> {target}: about {rows} rows, {bytes} bytes");
+            }
+            Err(error) => println!("  {table} {source} -> {target}: no estimate ({error})"),
+        }
+    }
+    println!("total: about {} rows, {} bytes", total.0, total.1);
     Ok(())
 }
 

@@ -97,6 +97,9 @@ pub struct ShardRuntime {
     pub nodes: Vec<BackendNode>,
     /// Node health and lag, published by this shard's monitor.
     pub fresh: SharedFreshness,
+    /// A WAL position (of this shard's primary) its replicas must have replayed before
+    /// they serve reads: set when a reshard cutover moved keys here, 0 otherwise.
+    pub read_floor: u64,
 }
 
 /// The shard map and the shards it names, as one immutable value.

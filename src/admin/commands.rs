@@ -13,6 +13,8 @@ pub enum Command {
         shard: String,
         node: Option<String>,
     },
+    /// `RESHARD CANCEL`: undo the running reshard job (before its cutover).
+    ReshardCancel,
     /// `SET ...` (drivers and GUI tools send some at connect): accepted and ignored.
     Set,
     Help,
@@ -43,7 +45,7 @@ impl Show {
 }
 
 /// Every command with its arguments, one per line, for `SHOW HELP` and errors.
-pub const USAGE: [(&str, &str); 12] = [
+pub const USAGE: [(&str, &str); 13] = [
     (
         "SHOW SHARDS",
         "one row per shard: primary, replicas, health, pause",
@@ -62,7 +64,10 @@ pub const USAGE: [(&str, &str); 12] = [
     ),
     ("SHOW CLIENTS", "one row per client connection"),
     ("SHOW MAP", "the shard map in use and the last reload"),
-    ("SHOW RESHARD", "resharding jobs (none yet)"),
+    (
+        "SHOW RESHARD",
+        "the running (or last) reshard job: phase, progress, lag, cutover pause, verification",
+    ),
     ("SHOW HELP", "this list"),
     ("RELOAD", "read the shard map file again and apply it"),
     (
@@ -73,6 +78,10 @@ pub const USAGE: [(&str, &str); 12] = [
     (
         "PROMOTE <shard> [<node address>]",
         "promote a replica of the shard",
+    ),
+    (
+        "RESHARD CANCEL",
+        "undo the running reshard job (before its cutover): both sides as they were",
     ),
 ];
 
@@ -131,6 +140,11 @@ pub fn parse(text: &str) -> Result<Command, ParseError> {
         ["PROMOTE", ..] => Err(usage(
             "PROMOTE names a shard and optionally a node",
             "PROMOTE <shard> [<node address>]",
+        )),
+        ["RESHARD", "CANCEL"] => Ok(Command::ReshardCancel),
+        ["RESHARD", ..] => Err(usage(
+            "a reshard starts with an edit of the shard map and RELOAD",
+            "RESHARD CANCEL",
         )),
         _ => Err(unknown()),
     }

@@ -184,6 +184,13 @@ impl Console {
             Command::Promote { shard, node } => {
                 self.promote(&shard, node.as_deref()).await?.encode(out)
             }
+            Command::ReshardCancel => {
+                self.fe
+                    .reshard
+                    .cancel()
+                    .map_err(|e| ("55000", format!("RESHARD CANCEL: {e}")))?;
+                table::command_complete(out, "RESHARD CANCEL");
+            }
         }
         Ok(())
     }
@@ -219,8 +226,12 @@ impl Console {
                 ("unchanged", v, v)
             }
             Ok(ReloadOutcome::Applied { from, to }) => ("applied", from, to),
+            Ok(ReloadOutcome::ReshardStarted { from, to, .. }) => ("reshard started", from, to),
             Err(error) => {
-                let code = if matches!(error, ReloadError::Ownership { .. }) {
+                let code = if matches!(
+                    error,
+                    ReloadError::Ownership { .. } | ReloadError::JobRunning { .. }
+                ) {
                     "0A000"
                 } else {
                     "F0000"

@@ -135,6 +135,11 @@ impl AdminState {
         let mut r = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
         r.last_attempt = Some(now);
         match result {
+            Ok(ReloadOutcome::ReshardStarted { .. }) => {
+                r.last_result = Some("reshard started");
+                r.last_error = None;
+                r.applied += 1;
+            }
             Ok(ReloadOutcome::Applied { .. }) => {
                 r.loaded_at = now;
                 r.last_result = Some("applied");

@@ -18,7 +18,7 @@ pub fn show(fe: &Frontend, what: Show) -> Vec<Table> {
         Show::Pools => vec![pools(fe)],
         Show::Clients => vec![clients(fe)],
         Show::Map => vec![map(fe)],
-        Show::Reshard => vec![reshard()],
+        Show::Reshard => vec![reshard(fe)],
         Show::Help => vec![help()],
     }
 }
@@ -344,18 +344,57 @@ fn map(fe: &Frontend) -> Table {
     t
 }
 
-/// Resharding jobs: none until online resharding exists; the columns are fixed now so
-/// scripts can be written against them.
-fn reshard() -> Table {
-    Table::new(&[
+/// The running reshard job, or the last one this process ran or found (one row; none
+/// before any job).
+fn reshard(fe: &Frontend) -> Table {
+    let mut t = Table::new(&[
         ("job", T::Text),
         ("phase", T::Text),
         ("source", T::Text),
         ("target", T::Text),
         ("progress", T::Text),
+        ("rows_copied", T::Int8),
+        ("rows_estimate", T::Int8),
+        ("bytes_copied", T::Int8),
+        ("bytes_estimate", T::Int8),
+        ("rows_per_second", T::Int8),
+        ("lag_bytes", T::Int8),
+        ("eta_seconds", T::Int8),
+        ("cutover_attempts", T::Int8),
+        ("pause_ms", T::Int8),
+        ("verify", T::Text),
         ("started_at", T::Text),
         ("error", T::Text),
-    ])
+    ]);
+    let Some(s) = fe.reshard.status() else {
+        return t;
+    };
+    let progress = if s.rows_estimate > 0 {
+        format!("{}%", (s.rows_copied.min(s.rows_estimate) * 100) / s.rows_estimate)
+    } else {
+        String::new()
+    };
+    let started = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.started_at);
+    t.push(vec![
+        s.job.to_string().into(),
+        s.phase.into(),
+        s.sources.into(),
+        s.targets.into(),
+        progress.into(),
+        s.rows_copied.into(),
+        s.rows_estimate.into(),
+        s.bytes_copied.into(),
+        s.bytes_estimate.into(),
+        (s.rate as u64).into(),
+        s.lag_bytes.into(),
+        s.eta_seconds.into(),
+        u64::from(s.cutover_attempts).into(),
+        s.pause_ms.into(),
+        s.verify.into(),
+        format_time(started).into(),
+        s.error.into(),
+    ]);
+    t
 }
 
 fn help() -> Table {

@@ -56,6 +56,12 @@ impl From<u64> for Cell {
     }
 }
 
+impl From<Option<u64>> for Cell {
+    fn from(v: Option<u64>) -> Cell {
+        Cell(v.map(|v| v.to_string()))
+    }
+}
+
 impl From<bool> for Cell {
     fn from(v: bool) -> Cell {
         Cell(Some(if v { "t" } else { "f" }.to_owned()))

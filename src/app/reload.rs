@@ -2,15 +2,17 @@
 //! (watched with `notify`, debounced), or when called. Load, validate, compare, swap:
 //!
 //! - an invalid map is rejected with its file, line and reason; the old one stays;
-//! - a map that moves keys between shards (keyspaces, tables, the default shard or the
-//!   database differ) is refused: that needs a reshard, and the proxy must never route
-//!   keys to a shard that lacks their rows. The old map stays;
+//! - a map that moves keys between shards starts a reshard job (src/reshard): routing
+//!   keeps following the old ownership (with the new map's shards added) until the
+//!   job's cutover publishes the new map. Edits a reshard cannot carry out (tables
+//!   changing rules, the database or default shard changing) are refused, as is any
+//!   ownership change while a job runs; the old map stays;
 //! - otherwise the new topology (nodes added, removed or changed, shards without keys
 //!   added) is published at once. Sessions pick it up at their next transaction;
 //!   transactions in flight finish on the snapshot they started with. Shards whose
 //!   nodes did not change keep their monitor and freshness.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,16 +35,22 @@ const DEBOUNCE: Duration = Duration::from_millis(200);
 pub enum ReloadError {
     #[error("{0}; keeping version {1}")]
     Invalid(ShardMapError, u64),
-    #[error(
-        "{path}: {what} changed (version {from} -> {to}): moving keys between shards needs a reshard, \
-         which this version cannot do; keeping version {from}"
-    )]
+    #[error("{path}: version {to} cannot be resharded to: {error}; keeping version {from}")]
     Ownership {
         path: PathBuf,
-        what: &'static str,
+        error: crate::reshard::plan::PlanError,
         from: u64,
         to: u64,
     },
+    #[error("{path}: version {to} moves keys, but reshard job {job} is still running (wait for it or RESHARD CANCEL); keeping version {from}")]
+    JobRunning {
+        path: PathBuf,
+        job: u64,
+        from: u64,
+        to: u64,
+    },
+    #[error("cannot record the reshard job: {0}; keeping version {1}")]
+    State(crate::reshard::StateError, u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +59,8 @@ pub enum ReloadOutcome {
     Unchanged,
     /// The new topology is published.
     Applied { from: u64, to: u64 },
+    /// Keys move: a reshard job started; routing follows `from` until its cutover.
+    ReshardStarted { from: u64, to: u64, job: u64 },
 }
 
 /// The running shards' monitors, by shard name, with the spec each was built from.
@@ -83,13 +93,13 @@ impl Reloader {
 
     /// Reads the map file again and applies it if it may be applied; the outcome is
     /// recorded for `SHOW MAP` and the metrics.
-    pub async fn reload(&self) -> Result<ReloadOutcome, ReloadError> {
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadOutcome, ReloadError> {
         let result = self.reload_inner().await;
         self.fe.admin.record_reload(&result);
         result
     }
 
-    async fn reload_inner(&self) -> Result<ReloadOutcome, ReloadError> {
+    async fn reload_inner(self: &Arc<Self>) -> Result<ReloadOutcome, ReloadError> {
         let _one_at_a_time = self.busy.lock().await;
         let current = self.fe.topology.load_full();
         let from = current.map.version;
@@ -99,23 +109,39 @@ impl Reloader {
             return Ok(ReloadOutcome::Unchanged);
         }
         let old = &current.map;
-        let changed = [
-            ("the database", old.database != map.database),
-            ("the keyspaces", old.keyspaces != map.keyspaces),
-            ("the tables", old.tables != map.tables),
-            ("the default shard", old.default_shard != map.default_shard),
-        ]
-        .into_iter()
-        .find(|(_, changed)| *changed);
-        if let Some((what, _)) = changed {
-            return Err(ReloadError::Ownership {
-                path: self.config.shard_map.clone(),
-                what,
-                from,
-                to: map.version,
-            });
+        let moves = old.database != map.database
+            || old.keyspaces != map.keyspaces
+            || old.tables != map.tables
+            || old.default_shard != map.default_shard;
+        if moves {
+            let path = self.config.shard_map.clone();
+            let to = map.version;
+            if let Some(status) = self
+                .fe
+                .reshard
+                .status()
+                .filter(|_| self.fe.reshard.running())
+            {
+                let job = status.job;
+                return Err(ReloadError::JobRunning {
+                    path,
+                    job,
+                    from,
+                    to,
+                });
+            }
+            let plan =
+                crate::reshard::plan::diff(old, &map).map_err(|error| ReloadError::Ownership {
+                    path,
+                    error,
+                    from,
+                    to,
+                })?;
+            if !plan.is_empty() {
+                return self.start_reshard(&current, &map, plan);
+            }
         }
-        let topology = self.build(&current, &map);
+        let topology = self.build(&current, &map, &BTreeMap::new());
         let generation = topology.generation;
         self.fe.topology.store(Arc::new(topology));
         self.fe.topology_published.send_replace(generation);
@@ -129,7 +155,12 @@ impl Reloader {
     /// The new topology; shards whose nodes did not change keep their freshness and
     /// monitor, the others get new ones (their replicas serve reads again after the
     /// first probe).
-    fn build(&self, current: &Topology, map: &ShardMap) -> Topology {
+    fn build(
+        &self,
+        current: &Topology,
+        map: &ShardMap,
+        floors: &BTreeMap<String, u64>,
+    ) -> Topology {
         let mut monitors = self.monitors.lock().unwrap_or_else(|e| e.into_inner());
         let mut kept: Monitors = HashMap::new();
         let shards = map
@@ -160,6 +191,7 @@ impl Reloader {
                     name: name.clone(),
                     nodes: shard_nodes(spec).into_iter().map(backend_node).collect(),
                     fresh,
+                    read_floor: floors.get(name).copied().unwrap_or(0),
                 }
             })
             .collect::<Vec<_>>();
@@ -174,6 +206,76 @@ impl Reloader {
             map: Arc::new(map.clone()),
             generation: current.generation + 1,
         }
+    }
+}
+
+impl Reloader {
+    /// Records a job for `map` (which moves keys), routes by the interim map (old
+    /// ownership, both maps' shards) and starts the job.
+    fn start_reshard(
+        self: &Arc<Self>,
+        current: &Topology,
+        map: &ShardMap,
+        plan: crate::reshard::plan::Plan,
+    ) -> Result<ReloadOutcome, ReloadError> {
+        use crate::reshard::{JobContext, JobState, Phase};
+        let from = current.map.version;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let state = JobState {
+            id: now.as_millis() as u64,
+            started_at: now.as_secs(),
+            old_map: current.map.to_yaml(),
+            new_map: map.to_yaml(),
+            plan,
+            phase: Phase::Schema,
+            switched: false,
+            created: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            cutover_lsn: BTreeMap::new(),
+            verify: None,
+            error: None,
+        };
+        let path = crate::reshard::state_path(&self.config);
+        crate::reshard::save_state(&path, &state).map_err(|e| ReloadError::State(e, from))?;
+        let interim = crate::reshard::plan::interim_map(&current.map, map);
+        if interim.shards != current.map.shards {
+            self.publish_now(&interim, &BTreeMap::new());
+        }
+        let job = state.id;
+        tracing::info!(from, to = map.version, job, moves = ?state.plan.pairs(), "shard map moves keys: reshard job started");
+        crate::reshard::spawn(
+            JobContext {
+                fe: self.fe.clone(),
+                config: self.config.clone(),
+                publisher: self.clone(),
+            },
+            state,
+        );
+        Ok(ReloadOutcome::ReshardStarted {
+            from,
+            to: map.version,
+            job,
+        })
+    }
+
+    fn publish_now(&self, map: &ShardMap, floors: &BTreeMap<String, u64>) {
+        let current = self.fe.topology.load_full();
+        let topology = self.build(&current, map, floors);
+        let generation = topology.generation;
+        self.fe.topology.store(Arc::new(topology));
+        self.fe.topology_published.send_replace(generation);
+    }
+}
+
+impl crate::reshard::Publish for Reloader {
+    fn publish(&self, map: &ShardMap, floors: &BTreeMap<String, u64>) {
+        self.publish_now(map, floors);
+        tracing::info!(
+            version = map.version,
+            "shard map published by the reshard job"
+        );
     }
 }
 
@@ -207,7 +309,7 @@ pub(super) fn spawn_triggers(
                 Ok(ReloadOutcome::Unchanged) => {
                     tracing::debug!("shard map file unchanged")
                 }
-                Ok(ReloadOutcome::Applied { .. }) => {}
+                Ok(ReloadOutcome::Applied { .. } | ReloadOutcome::ReshardStarted { .. }) => {}
                 Err(error) => tracing::error!(%error, "shard map reload refused"),
             }
         }

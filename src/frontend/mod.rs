@@ -94,6 +94,8 @@ pub struct Frontend {
     pub pauses: crate::admin::pause::Pauses,
     /// Counters and histograms for `/metrics`.
     pub metrics: crate::admin::metrics::Metrics,
+    /// The reshard job's cutover gate and status (src/reshard).
+    pub reshard: crate::reshard::Shared,
 }
 
 impl Frontend {

@@ -176,6 +176,7 @@ where
             tag::SYNC => {
                 self.run_batch().await?;
                 self.batch = None;
+                self.end_ticket_if_idle();
                 if self.in_explicit_transaction() {
                     let status = self.client_status();
                     messages::ready_for_query(&mut self.cout, status);
@@ -197,6 +198,7 @@ where
             return Ok(true);
         }
         self.batch = None;
+        self.end_ticket_if_idle();
         Ok(false)
     }
 

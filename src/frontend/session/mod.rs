@@ -12,6 +12,7 @@ mod batch;
 mod client_msgs;
 mod fanout;
 mod server_msgs;
+mod cutover;
 mod sharding;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -203,6 +204,9 @@ pub struct Session<R, W> {
     copy_ended_early: u32,
     cancel: Arc<CancelSlot>,
     shutdown: watch::Receiver<bool>,
+    /// While a reshard job runs: this transaction is on a shard that gives keys away
+    /// (the cutover waits for it to end).
+    reshard_ticket: Option<crate::reshard::gate::Ticket>,
 }
 
 pub struct SessionInit {
@@ -275,6 +279,7 @@ where
             copy_ended_early: 0,
             cancel: init.cancel,
             shutdown: init.shutdown,
+            reshard_ticket: None,
         }
     }
 
@@ -621,7 +626,7 @@ where
                 .fe
                 .route_counter
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let decision = route::route(
+            let mut decision = route::route(
                 analyzed,
                 &self.route,
                 &fresh,
@@ -629,6 +634,16 @@ where
                 self.failed_nodes,
                 tiebreak,
             );
+            let floor = self.topo.shards[shard].read_floor;
+            if decision.node != PRIMARY
+                && fresh.nodes.get(decision.node).is_some_and(|n| n.lsn < floor)
+            {
+                // Keys a reshard moved here: replicas serve them once past the cutover.
+                decision = route::Route {
+                    node: PRIMARY,
+                    reason: route::RouteReason::NotCaughtUp,
+                };
+            }
             self.fe.route_stats.record(decision.reason);
             if decision.node == PRIMARY && decision.reason != route::RouteReason::Write {
                 tracing::debug!(
@@ -722,6 +737,7 @@ where
         let Some(mut conn) = self.server.take() else {
             return;
         };
+        self.reshard_ticket = None;
         self.cancel.set(None);
         self.replay = None;
         self.failed_nodes = 0;

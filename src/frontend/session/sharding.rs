@@ -59,6 +59,7 @@ where
             self.next_shard = self.current_shard();
             return Ok(false);
         }
+        self.enter_cutover_gate().await?;
         // One scan gives the shape key and this text's literal positions.
         let mut spans = Vec::new();
         let plan = self
@@ -88,7 +89,10 @@ where
                 self.next_shard = shard;
                 Ok(false)
             }
-            Placement::Answered => Ok(true),
+            Placement::Answered => {
+                self.end_ticket_if_idle();
+                Ok(true)
+            }
         }
     }
 
@@ -154,6 +158,7 @@ where
             self.next_shard = self.current_shard();
             return Ok(true);
         }
+        self.enter_cutover_gate().await?;
         let params = messages::decode_bind_params(bind.rest)?;
         let (plan, spans) = stmt.shard_plan();
         let plan = plan.clone();
@@ -165,6 +170,10 @@ where
             param_types: &stmt.param_types,
         };
         let target = shard_plan::route(&plan, &self.topo.map, &values);
+        self.keep_ticket_for(&target);
+        if self.writes_reshard_copies(&plan, &target) {
+            return self.refuse_extended(WRITES_COPIES).await;
+        }
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
             Target::Default => self.topo.default_shard,
@@ -267,6 +276,10 @@ where
         sql: &str,
         values: &Values<'_>,
     ) -> Result<Placement, SessionError> {
+        self.keep_ticket_for(&target);
+        if self.writes_reshard_copies(plan, &target) {
+            return self.refused(WRITES_COPIES).await;
+        }
         let in_transaction = self.server.is_some() || self.pending_begin.is_some();
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
@@ -459,6 +472,8 @@ where
 }
 
 /// A statement that makes the server raise `message` with SQLSTATE 0A000.
+const WRITES_COPIES: &str = "a write over several shards that include a reshard's target shard is refused until the job's cutover (the target holds copies of rows it does not own yet); give the shard key, or retry after the cutover";
+
 fn raise_sql(message: &str) -> String {
     format!(
         "DO $shardgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = {}; END $shardgate$",

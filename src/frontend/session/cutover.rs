@@ -1,0 +1,123 @@
+//! A session's part in a reshard cutover (src/reshard/gate.rs): while a job runs, a
+//! transaction that starts on a source shard carries a ticket until it ends, so the
+//! cutover knows when the source's last change is final. The ticket is taken before the
+//! statement is routed: a session that routed by the old map is always counted, and one
+//! that waited at a closed gate routes again by the map the cutover published.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{Session, SessionError};
+use crate::backend::BackendError;
+use crate::routing::shard_plan::{ShardPlan, Target};
+
+/// Longest wait at a closed gate; the job reopens it within `reshard.max_pause` (plus
+/// a round trip), so this only bounds a job that died mid-cutover.
+const GATE_WAIT: Duration = Duration::from_secs(10);
+
+impl<R, W> Session<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// Before routing a statement that starts a transaction: waits while a cutover
+    /// holds new transactions, takes the newest topology, and takes a ticket. A no-op
+    /// (one relaxed load) while no job runs.
+    pub(super) async fn enter_cutover_gate(&mut self) -> Result<(), SessionError> {
+        let gate = &self.fe.reshard.gate;
+        if !gate.is_armed() || self.server.is_some() || self.reshard_ticket.is_some() {
+            return Ok(());
+        }
+        loop {
+            // Any shard counts here; `keep_ticket_for` drops it once the statement is
+            // known to run elsewhere.
+            match self.fe.reshard.gate.enter_any() {
+                Ok(ticket) => {
+                    self.reshard_ticket = ticket;
+                    return Ok(());
+                }
+                Err(_closed) => {
+                    if !self.fe.reshard.gate.wait_open(GATE_WAIT).await {
+                        return Err(BackendError::Server {
+                            code: "57P03".into(),
+                            message: "a reshard cutover has held new transactions for too long; retry".into(),
+                        }
+                        .into());
+                    }
+                    self.retake_topology();
+                }
+            }
+        }
+    }
+
+    /// After routing: the ticket stays only when the statement runs on a source shard.
+    pub(super) fn keep_ticket_for(&mut self, target: &Target) {
+        if self.reshard_ticket.is_none() {
+            return;
+        }
+        let gate = &self.fe.reshard.gate;
+        let names = |shards: &mut dyn Iterator<Item = usize>| {
+            shards
+                .filter_map(|i| self.topo.shards.get(i))
+                .any(|s| gate.is_source(&s.name))
+        };
+        let touches = match target {
+            Target::Shards(shards) => names(&mut shards.iter().copied()),
+            Target::SplitInsert(parts) => names(&mut parts.iter().map(|(s, _)| *s)),
+            Target::Default => names(&mut std::iter::once(self.topo.default_shard)),
+            Target::Refuse(_) => false,
+            _ => true,
+        };
+        if !touches {
+            self.reshard_ticket = None;
+        }
+    }
+
+    /// A write over several shards that reaches a shard receiving keys in a running
+    /// job: it would change the copies there and then again through replication.
+    pub(super) fn writes_reshard_copies(&self, plan: &ShardPlan, target: &Target) -> bool {
+        let gate = &self.fe.reshard.gate;
+        if !gate.is_armed() || plan.is_read() || plan.is_ddl() {
+            return false;
+        }
+        let sharded = plan.tables().any(|t| {
+            matches!(
+                self.topo.map.tables.get(t),
+                Some(crate::shard_map::TableRule::Sharded { .. })
+            )
+        });
+        if !sharded {
+            return false;
+        }
+        let shards: Vec<usize> = match target {
+            Target::Shards(shards) if shards.len() > 1 => shards.clone(),
+            Target::All { write: true } => (0..self.topo.shards.len()).collect(),
+            _ => return false,
+        };
+        shards
+            .iter()
+            .filter_map(|&i| self.topo.shards.get(i))
+            .any(|s| gate.is_target(&s.name))
+    }
+
+    /// The statement ended without keeping a server connection (answered here, or run
+    /// across shards): its ticket goes.
+    pub(super) fn end_ticket_if_idle(&mut self) {
+        if self.server.is_none() && self.batch.is_none() {
+            self.reshard_ticket = None;
+        }
+    }
+
+    /// Between transactions, after waiting at the gate: route by the newest map.
+    fn retake_topology(&mut self) {
+        let current = self.fe.topology.load_full();
+        if current.generation == self.topo.generation {
+            return;
+        }
+        self.topo = current;
+        self.pools = self.fe.pools_for(&self.user, &self.topo);
+        self.next_shard = self.topo.default_shard;
+        self.server_shard = self.topo.default_shard;
+    }
+}
