@@ -14,10 +14,15 @@ use tokio::net::TcpStream;
 use super::params::SessionParams;
 use super::BackendError;
 use crate::protocol::messages::{self, btag};
-use crate::protocol::{decode_frame, Frame};
+use crate::protocol::{decode_frame, Frame, ProtocolError};
 
-/// Server messages can be large (a wide DataRow); PostgreSQL caps a message at 1 GB.
-pub const MAX_SERVER_MESSAGE: usize = 1 << 30;
+/// Bound on the messages of the proxy's own exchanges with a server (authentication,
+/// startup, SET, ROLLBACK, DISCARD ALL, a one-value lookup, the answers to a client's
+/// Parse and Describe after our Sync): all small, a RowDescription of the widest table
+/// or a ParameterDescription of 65535 parameters included. Anything larger means the
+/// server is misbehaving. Client traffic is bounded by `limits.max_message_size` or
+/// streamed (session::server_msgs).
+pub const INTERNAL_MESSAGE_LIMIT: usize = 1 << 20;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -67,6 +72,14 @@ pub struct ServerConn {
     pub ran_since_sync: bool,
     /// The connection saw an I/O or protocol error: it is closed, never pooled.
     pub broken: bool,
+    /// Long messages relayed in pieces (session::server_msgs, client_msgs): bytes of
+    /// a server DataRow/CopyData still to pass to the client, and of a client CopyData
+    /// still owed to this server. Non-zero: the connection is in the middle of a
+    /// message in that direction, never pooled.
+    pub to_client_rest: usize,
+    pub to_server_rest: usize,
+    /// The message being relayed to the client is one the proxy hides: dropped.
+    pub to_client_hidden: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -105,6 +118,9 @@ impl ServerConn {
             unsynced: false,
             ran_since_sync: false,
             broken: false,
+            to_client_rest: 0,
+            to_server_rest: 0,
+            to_client_hidden: false,
             created: now,
             last_used: now,
         };
@@ -119,10 +135,11 @@ impl ServerConn {
         Ok(conn)
     }
 
-    /// Reads the next whole message from the server.
-    pub async fn read_frame(&mut self) -> Result<Frame, BackendError> {
+    /// Reads the next whole message from the server, at most `max_len` bytes long.
+    pub async fn read_frame(&mut self, max_len: usize) -> Result<Frame, BackendError> {
         loop {
-            if let Some(frame) = decode_frame(&mut self.rbuf, MAX_SERVER_MESSAGE)? {
+            let decoded = decode_frame(&mut self.rbuf, max_len);
+            if let Some(frame) = decoded.map_err(|e| self.framing_error(e))? {
                 return Ok(frame);
             }
             self.rbuf.reserve(8192);
@@ -132,10 +149,18 @@ impl ServerConn {
         }
     }
 
+    /// A protocol error in bytes this server sent, named by its address.
+    pub fn framing_error(&self, error: ProtocolError) -> BackendError {
+        BackendError::Protocol {
+            addr: format!("{}:{}", self.host, self.port),
+            error,
+        }
+    }
+
     async fn authenticate(&mut self, target: &ServerTarget) -> Result<(), BackendError> {
         let mut scram: Option<sasl::ScramSha256> = None;
         loop {
-            let frame = self.read_frame().await?;
+            let frame = self.read_frame(INTERNAL_MESSAGE_LIMIT).await?;
             match frame.tag {
                 btag::AUTHENTICATION => {}
                 btag::ERROR_RESPONSE => return Err(server_error(&frame)),
@@ -218,7 +243,7 @@ impl ServerConn {
     pub async fn read_until_ready(&mut self, startup: bool) -> Result<(), BackendError> {
         let mut first_error = None;
         loop {
-            let frame = self.read_frame().await?;
+            let frame = self.read_frame(INTERNAL_MESSAGE_LIMIT).await?;
             match frame.tag {
                 btag::READY_FOR_QUERY => {
                     self.txn_status = frame.body().first().copied().unwrap_or(b'I');
@@ -230,8 +255,12 @@ impl ServerConn {
                 }
                 btag::PARAMETER_STATUS if startup => {
                     let mut body = frame.body();
-                    let name = crate::protocol::frame::take_cstr(&mut body)?.to_owned();
-                    let value = crate::protocol::frame::take_cstr(&mut body)?.to_owned();
+                    let mut cstr = || {
+                        crate::protocol::frame::take_cstr(&mut body)
+                            .map(str::to_owned)
+                            .map_err(|e| self.framing_error(e))
+                    };
+                    let (name, value) = (cstr()?, cstr()?);
                     self.startup_params.push((name, value));
                 }
                 btag::BACKEND_KEY_DATA if startup => {
@@ -291,7 +320,7 @@ impl ServerConn {
         let mut value = None;
         let mut error = None;
         loop {
-            let frame = self.read_frame().await?;
+            let frame = self.read_frame(INTERNAL_MESSAGE_LIMIT).await?;
             match frame.tag {
                 btag::DATA_ROW if value.is_none() => value = first_column(frame.body()),
                 btag::ERROR_RESPONSE => error = Some(server_error(&frame)),
@@ -316,6 +345,8 @@ impl ServerConn {
             && !self.tainted
             && !self.unsynced
             && !self.broken
+            && self.to_client_rest == 0
+            && self.to_server_rest == 0
             && self.rbuf.is_empty()
     }
 

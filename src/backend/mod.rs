@@ -21,8 +21,14 @@ pub enum BackendError {
     Io(#[from] std::io::Error),
     #[error("server closed the connection")]
     Closed,
-    #[error("server protocol error: {0}")]
-    Protocol(#[from] crate::protocol::ProtocolError),
+    /// The server broke the protocol (a malformed, oversize or unknown message): the
+    /// stream cannot be trusted any more. Named by the node, since the client did
+    /// nothing wrong.
+    #[error("server {addr} sent an unusable message: {error}")]
+    Protocol {
+        addr: String,
+        error: crate::protocol::ProtocolError,
+    },
     #[error("unexpected server message {0:?} during {1}")]
     Unexpected(u8, &'static str),
     #[error("server requires a password for user {0:?} and none is configured")]
@@ -52,8 +58,30 @@ impl BackendError {
             self,
             BackendError::Io(_)
                 | BackendError::Closed
-                | BackendError::Protocol(_)
+                | BackendError::Protocol { .. }
                 | BackendError::Unexpected(..)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ProtocolError;
+
+    /// A server's broken frame is the server's failure, named by the node: 08006 for
+    /// the client, and the connection counts as failed (never pooled).
+    #[test]
+    fn server_framing_errors_name_the_node() {
+        let error = BackendError::Protocol {
+            addr: "10.0.0.7:5432".into(),
+            error: ProtocolError::BadLength { tag: b'C', len: 2 },
+        };
+        assert_eq!(error.sqlstate(), "08006");
+        assert!(error.is_connection_failure());
+        assert!(
+            error.to_string().contains("server 10.0.0.7:5432"),
+            "{error}"
+        );
     }
 }

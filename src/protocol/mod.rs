@@ -5,7 +5,10 @@ pub mod frame;
 pub mod messages;
 pub mod scram;
 
-pub use frame::{decode_frame, decode_startup, peek_frame, Frame, FrameHeader, StartupPacket};
+pub use frame::{
+    decode_frame, decode_startup, next_client_frame, next_server_frame, peek_frame, Frame,
+    FrameHeader, Next, StartupPacket,
+};
 
 /// Errors in bytes received from a peer. Any of them ends the connection: after a
 /// framing error the stream cannot be trusted to resynchronise.
@@ -17,6 +20,8 @@ pub enum ProtocolError {
     TooLarge { tag: u8, len: usize, max: usize },
     #[error("invalid startup packet: {0}")]
     BadStartup(String),
+    #[error("unknown message type '{}'", *tag as char)]
+    UnknownType { tag: u8 },
     #[error("malformed message: {0}")]
     Malformed(&'static str),
 }

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Expect, Flow, Op, Session, SessionError};
 use crate::frontend::prepared::PreparedStatement;
 use crate::frontend::session_sql;
 use crate::protocol::messages::{self, btag, tag};
-use crate::protocol::{decode_frame, Frame, ProtocolError};
+use crate::protocol::{next_client_frame, Frame, Next, ProtocolError};
 use crate::routing::analyze::StatementClass;
 
 pub(super) const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
@@ -33,12 +33,29 @@ where
 {
     pub(super) async fn process_client_frames(&mut self) -> Result<Flow, SessionError> {
         while self.sout.len() < super::OUT_LIMIT && self.gate.is_none() {
+            if self.client_relay > 0 {
+                if !self.relay_client_data() {
+                    break;
+                }
+                continue;
+            }
             let frame = match self.held.take() {
                 Some(frame) => frame,
-                None => match decode_frame(&mut self.cbuf, self.fe.settings.max_message_size)? {
-                    Some(frame) => frame,
-                    None => break,
-                },
+                None => {
+                    let max = self.fe.settings.max_message_size;
+                    // A cross-shard batch decides per frame: it gets whole ones.
+                    match next_client_frame(&self.cbuf, max, self.batch.is_none())? {
+                        Next::More => break,
+                        Next::Stream(header) => {
+                            self.start_client_relay(header.len);
+                            continue;
+                        }
+                        Next::Whole(header) => Frame {
+                            tag: header.tag,
+                            raw: self.cbuf.split_to(header.len).freeze(),
+                        },
+                    }
+                }
             };
             if self.skipping && frame.tag != tag::SYNC {
                 // The server discards everything up to Sync after an error: forward
@@ -59,6 +76,37 @@ where
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// The head of a long CopyData whose body is still arriving: it goes to the held
+    /// server in pieces as the client sends it (`relay_client_data`), or is dropped
+    /// when no server is held, as a whole CopyData would be.
+    fn start_client_relay(&mut self, len: usize) {
+        // Part of the transaction is gone as it came: it cannot be run again elsewhere.
+        self.replay = None;
+        self.client_relay = len;
+        if let Some(conn) = self.server.as_mut() {
+            conn.to_server_rest = len;
+        }
+        self.relay_client_data();
+    }
+
+    /// Passes on what has arrived of the client message being relayed; false when
+    /// nothing has.
+    fn relay_client_data(&mut self) -> bool {
+        let n = self.client_relay.min(self.cbuf.len());
+        if n == 0 {
+            return false;
+        }
+        if let Some(conn) = self.server.as_mut() {
+            if conn.to_server_rest > 0 {
+                self.sout.extend_from_slice(&self.cbuf[..n]);
+                conn.to_server_rest -= n;
+            }
+        }
+        self.cbuf.advance(n);
+        self.client_relay -= n;
+        true
     }
 
     /// Handles one client frame; `false` means it must wait for a shape check.

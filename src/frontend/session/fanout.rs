@@ -79,18 +79,21 @@ pub(super) const WRITE: Analyzed = Analyzed {
 /// A leg's task: runs `sql` on `conn` and passes every server message before
 /// ReadyForQuery to `tx`. When the receiver is gone (the merge is done early) it keeps
 /// reading, without passing, until the server is ready again, so the connection comes
-/// back usable.
+/// back usable. The merge reads rows whole, so a message over `max_len`
+/// (`limits.max_message_size`) fails the leg (and the statement) with an error naming
+/// the node and the limit.
 async fn run_leg(
     mut conn: PooledConn,
     leg: Leg,
     tx: mpsc::Sender<Bytes>,
+    max_len: usize,
 ) -> Result<PooledConn, BackendError> {
     let result = async {
         conn.wr.write_all(&leg.messages).await?;
         let mut ready = 0;
         let mut passing = true;
         loop {
-            let frame = conn.read_frame().await?;
+            let frame = conn.read_frame(max_len).await?;
             if frame.tag == btag::READY_FOR_QUERY {
                 conn.txn_status = frame.body().first().copied().unwrap_or(b'I');
                 ready += 1;
@@ -251,7 +254,8 @@ where
             );
             let cancel = (conn.host.clone(), conn.port, conn.backend_key);
             let (tx, rx) = mpsc::channel(LEG_QUEUE);
-            let task = tokio::spawn(run_leg(conn, leg, tx));
+            let max_len = self.fe.settings.max_message_size;
+            let task = tokio::spawn(run_leg(conn, leg, tx, max_len));
             running.push(Running {
                 shard,
                 rx,

@@ -202,6 +202,9 @@ pub struct Session<R, W> {
     /// (clients may stream a whole COPY without waiting for it): that many coming
     /// CopyInResponses start no copy-in state.
     copy_ended_early: u32,
+    /// Bytes still to come of a long client CopyData whose head already went on: it
+    /// is relayed in pieces as it arrives (client_msgs.rs), never buffered whole.
+    client_relay: usize,
     cancel: Arc<CancelSlot>,
     shutdown: watch::Receiver<bool>,
     /// While a reshard job runs: this transaction is on a shard that gives keys away
@@ -277,6 +280,7 @@ where
             txn_failed: false,
             copy_in: false,
             copy_ended_early: 0,
+            client_relay: 0,
             cancel: init.cancel,
             shutdown: init.shutdown,
             reshard_ticket: None,
@@ -794,6 +798,11 @@ where
 
     fn fatal(&mut self, code: &str, message: &str) {
         self.fe.metrics.error(code);
+        if self.server.as_ref().is_some_and(|c| c.to_client_rest > 0) {
+            // The client is in the middle of a relayed message: an error now would be
+            // read as its rest. Closing is all that can be said.
+            return;
+        }
         messages::error_fields(&mut self.cout, b'E', "FATAL", code, message);
     }
 

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use bytes::BytesMut;
 
 use super::{Expect, Op, Session, SessionError};
-use crate::backend::conn::MAX_SERVER_MESSAGE;
 use crate::backend::params::SessionParams;
 use crate::backend::BackendError;
 use crate::frontend::prepared::{shape_of, PreparedStatement};
 use crate::frontend::session_sql::SessionEffect;
 use crate::protocol::messages::btag;
-use crate::protocol::peek_frame;
+use crate::protocol::{next_server_frame, FrameHeader, Next};
 
 /// What a server message carries that bookkeeping needs, decoded only when it does.
 enum Detail {
@@ -61,80 +60,131 @@ where
             let Some(conn) = self.server.as_mut() else {
                 return Ok(());
             };
-            let Some(header) = peek_frame(&conn.rbuf, MAX_SERVER_MESSAGE)? else {
-                return Ok(());
-            };
-            let status = conn.rbuf.get(5).copied().unwrap_or(b'I');
-            if header.tag == btag::ERROR_RESPONSE && self.replay.is_some() {
-                // A replica shutting down or crashing says so before closing; while
-                // nothing reached the client yet, that is a retry, not the answer.
-                let frame = crate::protocol::Frame {
-                    tag: header.tag,
-                    raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
-                };
-                let (code, message) = crate::protocol::messages::decode_error_fields(&frame);
-                if code.starts_with("57P") || code.starts_with("08") {
-                    return Err(BackendError::Server { code, message }.into());
+            if conn.to_client_rest > 0 {
+                if !self.relay_server_data() {
+                    return Ok(());
                 }
+                continue;
             }
-            let detail = match (header.tag, self.ops.front()) {
-                (
-                    btag::ROW_DESCRIPTION | btag::NO_DATA,
-                    Some(
-                        Op::Forward(Expect::Describe { stmt: Some(_) })
-                        | Op::Hidden(Expect::Shape { .. }),
-                    ),
-                ) => Detail::Shape(shape_of(&conn.rbuf[..header.len])),
-                (
-                    btag::ERROR_RESPONSE,
-                    Some(Op::Forward(Expect::Bind { stmt: Some(_) }) | Op::Hidden(Expect::Raise)),
-                ) => {
-                    let frame = crate::protocol::Frame {
-                        tag: header.tag,
-                        raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
-                    };
-                    Detail::Code(crate::protocol::messages::decode_error_fields(&frame).0)
-                }
-                _ => Detail::None,
-            };
-            if header.tag == btag::ERROR_RESPONSE {
-                let frame = crate::protocol::Frame {
-                    tag: header.tag,
-                    raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
-                };
-                let (code, _) = crate::protocol::messages::decode_error_fields(&frame);
-                self.fe.metrics.error(&code);
+            let next = next_server_frame(&conn.rbuf, self.fe.settings.max_message_size)
+                .map_err(|e| conn.framing_error(e))?;
+            match next {
+                Next::More => return Ok(()),
+                Next::Stream(header) => self.start_server_relay(header),
+                Next::Whole(header) => self.on_server_frame(header)?,
             }
-            let forward = self.on_server_message(header.tag, status, detail);
-            let Some(conn) = self.server.as_mut() else {
-                return Ok(());
-            };
-            if forward {
-                self.cout.extend_from_slice(&conn.rbuf[..header.len]);
-                // The client has seen part of the answer: no silent retry from now on.
-                self.replay = None;
-            }
-            if header.tag == btag::COMMAND_COMPLETE
-                && conn.rbuf[5..header.len].starts_with(b"ROLLBACK")
-            {
-                self.txn_failed = true;
-            }
-            conn.rbuf.advance(header.len);
-            if header.tag == btag::READY_FOR_QUERY {
-                if forward {
-                    if let Some(started) = self.statement_started.take() {
-                        let route = if self.server_node == crate::routing::route::PRIMARY {
-                            crate::admin::metrics::QueryRoute::Primary
-                        } else {
-                            crate::admin::metrics::QueryRoute::Replica
-                        };
-                        self.fe.metrics.latency(route, started.elapsed());
-                    }
-                }
-                self.on_ready(status);
-            }
-            self.emit_synthetic();
         }
+        Ok(())
+    }
+
+    /// The head of a long DataRow, CopyData or FunctionCallResponse whose body is still
+    /// arriving: the bookkeeping is done now, the bytes go to the client as they come
+    /// (`relay_server_data`), so memory stays bounded whatever the value's size.
+    fn start_server_relay(&mut self, header: FrameHeader) {
+        let forward = self.on_server_message(header.tag, 0, Detail::None);
+        if forward {
+            self.replay = None;
+        }
+        if let Some(conn) = self.server.as_mut() {
+            conn.to_client_rest = header.len;
+            // Never the case for data messages today; dropped like a whole one would be.
+            conn.to_client_hidden = !forward;
+        }
+        self.relay_server_data();
+    }
+
+    /// Passes on what has arrived of the message being relayed; false when nothing has.
+    fn relay_server_data(&mut self) -> bool {
+        let Some(conn) = self.server.as_mut() else {
+            return false;
+        };
+        let n = conn.to_client_rest.min(conn.rbuf.len());
+        if n == 0 {
+            return false;
+        }
+        if !conn.to_client_hidden {
+            self.cout.extend_from_slice(&conn.rbuf[..n]);
+        }
+        conn.rbuf.advance(n);
+        conn.to_client_rest -= n;
+        true
+    }
+
+    /// One whole server message at the front of the server buffer: bookkeeping, then
+    /// one copy to the client (or none when the proxy hides it).
+    fn on_server_frame(&mut self, header: FrameHeader) -> Result<(), SessionError> {
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let status = conn.rbuf.get(5).copied().unwrap_or(b'I');
+        if header.tag == btag::ERROR_RESPONSE && self.replay.is_some() {
+            // A replica shutting down or crashing says so before closing; while
+            // nothing reached the client yet, that is a retry, not the answer.
+            let frame = crate::protocol::Frame {
+                tag: header.tag,
+                raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+            };
+            let (code, message) = crate::protocol::messages::decode_error_fields(&frame);
+            if code.starts_with("57P") || code.starts_with("08") {
+                return Err(BackendError::Server { code, message }.into());
+            }
+        }
+        let detail = match (header.tag, self.ops.front()) {
+            (
+                btag::ROW_DESCRIPTION | btag::NO_DATA,
+                Some(
+                    Op::Forward(Expect::Describe { stmt: Some(_) })
+                    | Op::Hidden(Expect::Shape { .. }),
+                ),
+            ) => Detail::Shape(shape_of(&conn.rbuf[..header.len])),
+            (
+                btag::ERROR_RESPONSE,
+                Some(Op::Forward(Expect::Bind { stmt: Some(_) }) | Op::Hidden(Expect::Raise)),
+            ) => {
+                let frame = crate::protocol::Frame {
+                    tag: header.tag,
+                    raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+                };
+                Detail::Code(crate::protocol::messages::decode_error_fields(&frame).0)
+            }
+            _ => Detail::None,
+        };
+        if header.tag == btag::ERROR_RESPONSE {
+            let frame = crate::protocol::Frame {
+                tag: header.tag,
+                raw: bytes::Bytes::copy_from_slice(&conn.rbuf[..header.len]),
+            };
+            let (code, _) = crate::protocol::messages::decode_error_fields(&frame);
+            self.fe.metrics.error(&code);
+        }
+        let forward = self.on_server_message(header.tag, status, detail);
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        if forward {
+            self.cout.extend_from_slice(&conn.rbuf[..header.len]);
+            // The client has seen part of the answer: no silent retry from now on.
+            self.replay = None;
+        }
+        if header.tag == btag::COMMAND_COMPLETE && conn.rbuf[5..header.len].starts_with(b"ROLLBACK")
+        {
+            self.txn_failed = true;
+        }
+        conn.rbuf.advance(header.len);
+        if header.tag == btag::READY_FOR_QUERY {
+            if forward {
+                if let Some(started) = self.statement_started.take() {
+                    let route = if self.server_node == crate::routing::route::PRIMARY {
+                        crate::admin::metrics::QueryRoute::Primary
+                    } else {
+                        crate::admin::metrics::QueryRoute::Replica
+                    };
+                    self.fe.metrics.latency(route, started.elapsed());
+                }
+            }
+            self.on_ready(status);
+        }
+        self.emit_synthetic();
         Ok(())
     }
 

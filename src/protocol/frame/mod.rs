@@ -33,6 +33,19 @@ pub struct FrameHeader {
 /// yet. A declared length below 4 or above `max_len` is an error: the stream cannot be
 /// resynchronised after it, so the caller closes the connection.
 pub fn peek_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHeader>, ProtocolError> {
+    let Some(header) = peek_header(buf)? else {
+        return Ok(None);
+    };
+    check_len(header, max_len)?;
+    if buf.len() < header.len {
+        return Ok(None);
+    }
+    Ok(Some(header))
+}
+
+/// The header at the front of `buf`, whether or not its body has arrived. Only a
+/// declared length below 4 is an error here.
+pub fn peek_header(buf: &[u8]) -> Result<Option<FrameHeader>, ProtocolError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -41,18 +54,128 @@ pub fn peek_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameHeader>, Pro
     if declared < 4 {
         return Err(ProtocolError::BadLength { tag, len: declared });
     }
-    let len = declared + 1;
-    if len > max_len {
+    Ok(Some(FrameHeader {
+        tag,
+        len: declared + 1,
+    }))
+}
+
+fn check_len(header: FrameHeader, max_len: usize) -> Result<(), ProtocolError> {
+    if header.len > max_len {
         return Err(ProtocolError::TooLarge {
-            tag,
-            len,
+            tag: header.tag,
+            len: header.len,
             max: max_len,
         });
     }
-    if buf.len() < len {
-        return Ok(None);
+    Ok(())
+}
+
+/// A pass-through message longer than this whose body has not all arrived is relayed
+/// in pieces (`Next::Stream`) instead of being buffered whole. Shorter ones, most
+/// messages, are handled whole: one copy, no per-piece bookkeeping.
+pub const STREAM_FROM: usize = 64 * 1024;
+
+/// What to do with the front of a receive buffer on a path that passes some message
+/// types on without reading them (see `next_server_frame`, `next_client_frame`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// More bytes are needed before anything can be done.
+    More,
+    /// A whole message is at the front.
+    Whole(FrameHeader),
+    /// The head of a long pass-through message whose body is still arriving: pass on
+    /// the bytes at hand now and the rest (`len` in all) as they come, so memory does
+    /// not grow with the message. Its length is not bounded by `max_len`.
+    Stream(FrameHeader),
+}
+
+/// Server messages whose size follows the data and which the data path passes to the
+/// client unread: DataRow, CopyData and FunctionCallResponse (PostgreSQL sends these
+/// up to 1 GB; libpq accepts them at any length).
+pub fn is_server_data(tag: u8) -> bool {
+    matches!(tag, b'D' | b'd' | b'V')
+}
+
+/// Every message type a server sends in protocol 3.0. Anything else means the stream
+/// is not a PostgreSQL server's (or lost its framing).
+pub fn is_server_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'R' | b'K'
+            | b'S'
+            | b'Z'
+            | b'T'
+            | b'D'
+            | b'C'
+            | b'I'
+            | b'E'
+            | b'N'
+            | b'A'
+            | b'1'
+            | b'2'
+            | b'3'
+            | b'n'
+            | b's'
+            | b't'
+            | b'G'
+            | b'H'
+            | b'W'
+            | b'd'
+            | b'c'
+            | b'V'
+            | b'v'
+    )
+}
+
+/// The front of a buffer of server bytes. Data messages (`is_server_data`) longer than
+/// `STREAM_FROM` are streamed whatever their length; any other message must fit in
+/// `max_len` (the proxy may have to read it whole), and an unknown message type is an
+/// error.
+pub fn next_server_frame(buf: &[u8], max_len: usize) -> Result<Next, ProtocolError> {
+    let Some(header) = peek_header(buf)? else {
+        return Ok(Next::More);
+    };
+    if !is_server_message(header.tag) {
+        return Err(ProtocolError::UnknownType { tag: header.tag });
     }
-    Ok(Some(FrameHeader { tag, len }))
+    next_frame(buf, header, max_len, is_server_data(header.tag))
+}
+
+/// The front of a buffer of client bytes. With `stream_copy_data`, a CopyData longer
+/// than `STREAM_FROM` is streamed whatever its length; any other message must fit in
+/// `max_len`. Message types are the caller's to check.
+pub fn next_client_frame(
+    buf: &[u8],
+    max_len: usize,
+    stream_copy_data: bool,
+) -> Result<Next, ProtocolError> {
+    let Some(header) = peek_header(buf)? else {
+        return Ok(Next::More);
+    };
+    next_frame(buf, header, max_len, stream_copy_data && header.tag == b'd')
+}
+
+fn next_frame(
+    buf: &[u8],
+    header: FrameHeader,
+    max_len: usize,
+    pass_through: bool,
+) -> Result<Next, ProtocolError> {
+    if pass_through && header.len > STREAM_FROM {
+        // Whole when it happens to be here already (no copy saved by streaming).
+        return Ok(if buf.len() >= header.len {
+            Next::Whole(header)
+        } else {
+            Next::Stream(header)
+        });
+    }
+    check_len(header, max_len)?;
+    Ok(if buf.len() >= header.len {
+        Next::Whole(header)
+    } else {
+        Next::More
+    })
 }
 
 /// One complete message split off a receive buffer.

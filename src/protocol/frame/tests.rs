@@ -31,6 +31,79 @@ fn oversize_and_impossible_lengths_are_errors() {
     ));
 }
 
+/// A DataRow header declaring `len` bytes in all, followed by `have` bytes of body.
+fn data_row(len: usize, have: usize) -> Vec<u8> {
+    let mut buf = vec![b'D'];
+    buf.extend_from_slice(&((len - 1) as u32).to_be_bytes());
+    buf.resize(HEADER_LEN + have, 0);
+    buf
+}
+
+#[test]
+fn long_data_messages_stream_and_others_stay_bounded() {
+    let max = 1024;
+    // A DataRow far over the limit streams from its header on; unbounded.
+    let big = data_row(1 << 30, 10);
+    assert_eq!(
+        next_server_frame(&big, max),
+        Ok(Next::Stream(FrameHeader {
+            tag: b'D',
+            len: 1 << 30
+        }))
+    );
+    // Short ones wait to be whole, and are bounded by STREAM_FROM, not streamed.
+    assert_eq!(next_server_frame(&data_row(100, 50), max), Ok(Next::More));
+    let whole = data_row(100, 95);
+    assert!(matches!(
+        next_server_frame(&whole, max),
+        Ok(Next::Whole(FrameHeader { tag: b'D', len: 100 }))
+    ));
+    // A long data message that is already all here is handled whole.
+    let here = data_row(STREAM_FROM + 10, STREAM_FROM + 5);
+    assert!(matches!(next_server_frame(&here, max), Ok(Next::Whole(_))));
+    // Messages the proxy reads are refused at the header when over the limit.
+    let mut description = data_row(1 << 20, 0);
+    description[0] = b'T';
+    assert_eq!(
+        next_server_frame(&description, max),
+        Err(ProtocolError::TooLarge {
+            tag: b'T',
+            len: 1 << 20,
+            max
+        })
+    );
+    assert_eq!(
+        next_server_frame(b"C\0\0\0\x02", max),
+        Err(ProtocolError::BadLength { tag: b'C', len: 2 })
+    );
+    assert_eq!(
+        next_server_frame(b"!\0\0\0\x04", max),
+        Err(ProtocolError::UnknownType { tag: b'!' })
+    );
+    assert_eq!(next_server_frame(b"D\0\0", max), Ok(Next::More));
+}
+
+#[test]
+fn client_copy_data_streams_only_when_allowed() {
+    let max = 1024;
+    let mut copy = data_row(1 << 20, 10);
+    copy[0] = b'd';
+    assert!(matches!(
+        next_client_frame(&copy, max, true),
+        Ok(Next::Stream(FrameHeader { tag: b'd', .. }))
+    ));
+    assert!(matches!(
+        next_client_frame(&copy, max, false),
+        Err(ProtocolError::TooLarge { tag: b'd', .. })
+    ));
+    // A client 'D' is a Describe, never data.
+    let describe = data_row(1 << 20, 10);
+    assert!(matches!(
+        next_client_frame(&describe, max, true),
+        Err(ProtocolError::TooLarge { tag: b'D', .. })
+    ));
+}
+
 #[test]
 fn startup_packets_decode() {
     let mut buf = BytesMut::new();
@@ -64,6 +137,17 @@ fn startup_without_terminator_is_an_error() {
 }
 
 proptest! {
+    /// Server bytes: streaming never claims more than was declared, a whole frame is
+    /// exactly what its header declared, and nothing panics.
+    #[test]
+    fn server_framing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512), max in 5usize..600) {
+        match next_server_frame(&bytes, max) {
+            Ok(Next::Whole(h)) => prop_assert!(h.len <= bytes.len() && h.len >= HEADER_LEN - 1),
+            Ok(Next::Stream(h)) => prop_assert!(h.len > bytes.len() && is_server_data(h.tag)),
+            Ok(Next::More) | Err(_) => {}
+        }
+    }
+
     /// Any byte string yields frames, "need more bytes", or an error: never a panic,
     /// and a returned frame is exactly what its header declared.
     #[test]
