@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::proxy::{start_proxy, ProxyOptions, TestProxy};
+use common::proxy::{start_proxy, start_proxy_with_map, ProxyOptions, TestProxy};
 use common::{own_cluster, superuser_client, wait_for, TestCluster};
 
 async fn cluster_with_sync_replicas() -> TestCluster {
@@ -237,4 +237,210 @@ async fn a_manual_switchover_on_a_healthy_shard() {
         .unwrap()
         .get(0);
     assert_eq!(n, 120);
+}
+
+/// A map of the one shard: `primary` and `replicas` as ports of `cluster`'s host.
+fn map_text(cluster: &TestCluster, version: u64, primary: u16, replicas: &[u16]) -> String {
+    let host = &cluster.primary.0;
+    let replicas: Vec<String> = replicas.iter().map(|p| format!("\"{host}:{p}\"")).collect();
+    format!(
+        "version: {version}\ndatabase: {}\nshards:\n  s0: {{ primary: \"{host}:{primary}\", replicas: [{}] }}\ndefault_shard: s0\n",
+        cluster.database,
+        replicas.join(", ")
+    )
+}
+
+fn with_console(mut opts: ProxyOptions) -> ProxyOptions {
+    opts.extra
+        .push_str("admin: { user: admin, password: admin-secret }\n");
+    opts
+}
+
+/// `SHOW NODES` on the admin console: (address, role, fenced, excluded) per row.
+async fn show_nodes(proxy: &TestProxy) -> Vec<(String, String, String, String)> {
+    let console = common::proxy::connect(&format!(
+        "host=127.0.0.1 port={} user=admin password=admin-secret dbname=shardgate",
+        proxy.port()
+    ))
+    .await;
+    let rows = console.simple_query("SHOW NODES").await.unwrap();
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get("address").unwrap_or_default().to_owned(),
+                r.get("role").unwrap_or_default().to_owned(),
+                r.get("fenced").unwrap_or_default().to_owned(),
+                r.get("excluded").unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
+    client
+        .query_one(&format!("SELECT current_setting('{name}')"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn count(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Issue 9's fence, by timeline rather than `pg_is_in_recovery()`: after a promotion the
+/// old primary comes back as a primary (timeline 1, the shard is on 2). A proxy started
+/// later from a map that lists it as a replica fences it (SHOW NODES), never reads or
+/// writes there and makes it read-only; a proxy started from the stale map that still
+/// names it as the primary (the backup of before the promotion) fences it too and adopts
+/// the promoted replica instead of writing to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_primary_is_fenced_by_its_timeline_after_a_proxy_restart() {
+    let cluster = tokio::task::spawn_blocking(|| own_cluster(2))
+        .await
+        .unwrap();
+    let local = cluster.local.as_ref().unwrap();
+    let old = cluster.primary.1;
+    let first = start_proxy(&cluster, options(false)).await;
+    let c = first.client().await;
+    c.batch_execute("CREATE TABLE ledger (id bigint PRIMARY KEY)")
+        .await
+        .unwrap();
+    for id in 1i64..=20 {
+        c.execute("INSERT INTO ledger (id) VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    local
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .unwrap();
+    local.kill_node(local.primary());
+    let done = first.handle.promote("s0", None).await.unwrap();
+    let new = primary_port(&first);
+    let other = cluster
+        .replicas
+        .iter()
+        .map(|r| r.1)
+        .find(|p| *p != new)
+        .unwrap();
+    assert!(done
+        .following
+        .iter()
+        .any(|f| f.ends_with(&format!(":{other}"))));
+    first.handle.shutdown();
+    first.handle.wait().await;
+    // The old primary restarts as a primary, on the timeline the shard has left.
+    local.start_node(local.primary()).unwrap();
+    let old_su = superuser_client(&cluster, old, &cluster.database).await;
+    assert!(!old_su
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get::<_, bool>(0));
+    let old_rows = count(&old_su).await;
+
+    // 1. Listed as a replica in the map a restarted proxy reads.
+    let listed = map_text(&cluster, 3, new, &[other, old]);
+    let second = start_proxy_with_map(&cluster, &listed, with_console(options(false))).await;
+    let old_addr = format!("{}:{old}", cluster.primary.0);
+    wait_for(
+        "the old primary to be fenced",
+        Duration::from_secs(20),
+        || async {
+            show_nodes(&second)
+                .await
+                .iter()
+                .any(|(addr, _, fenced, why)| {
+                    *addr == old_addr && fenced == "t" && why.contains("timeline 1")
+                })
+        },
+    )
+    .await;
+    // Made read-only on the server, so not even a direct client writes there.
+    wait_for(
+        "the old primary to be read-only",
+        Duration::from_secs(20),
+        || async {
+            let su = superuser_client(&cluster, old, &cluster.database).await;
+            setting(&su, "default_transaction_read_only").await == "on"
+        },
+    )
+    .await;
+    let c = second.client().await;
+    for id in 100i64..120 {
+        c.execute("INSERT INTO ledger (id) VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        let port: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(
+            port,
+            i32::from(old),
+            "a read reached the fenced old primary"
+        );
+    }
+    let old_su = superuser_client(&cluster, old, &cluster.database).await;
+    assert_eq!(
+        count(&old_su).await,
+        old_rows,
+        "a write reached the old primary"
+    );
+    second.handle.shutdown();
+    second.handle.wait().await;
+
+    // 2. The stale map of before the promotion: the old primary is its primary. Undo the
+    //    server-side fence first, as for an old primary no proxy has seen yet.
+    old_su
+        .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+        .await
+        .unwrap();
+    old_su
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let stale = map_text(&cluster, 1, old, &[new, other]);
+    let third = start_proxy_with_map(&cluster, &stale, with_console(options(true))).await;
+    wait_for(
+        "the promoted replica to be adopted",
+        Duration::from_secs(30),
+        || async { primary_port(&third) == new },
+    )
+    .await;
+    let map = shardgate::shard_map::ShardMap::load(&third.map_file()).unwrap();
+    assert_eq!((map.version, map.shards["s0"].primary.port), (2, new));
+    let c = third.client().await;
+    for id in 200i64..220 {
+        c.execute("INSERT INTO ledger (id) VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "the stale primary to be read-only",
+        Duration::from_secs(20),
+        || async {
+            let su = superuser_client(&cluster, old, &cluster.database).await;
+            setting(&su, "default_transaction_read_only").await == "on"
+        },
+    )
+    .await;
+    let old_su = superuser_client(&cluster, old, &cluster.database).await;
+    assert_eq!(
+        count(&old_su).await,
+        old_rows,
+        "a write reached the stale primary"
+    );
+    let new_su = superuser_client(&cluster, new, &cluster.database).await;
+    assert_eq!(count(&new_su).await, 60);
+    assert!(show_nodes(&third)
+        .await
+        .iter()
+        .any(|(addr, role, fenced, _)| *addr == old_addr && role == "fenced" && fenced == "t"));
 }

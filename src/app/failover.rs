@@ -8,14 +8,14 @@
 //! 2. Choose: the replica with the highest received (then replayed) WAL position; with
 //!    synchronous replication that is a standby holding every acknowledged commit.
 //! 3. Promote: `pg_promote(true, 60)`, confirmed with `pg_is_in_recovery()`.
-//! 4. Re-point: the other replicas get the new primary in `primary_conninfo`
+//! 4. Fence and persist: the shard map is written back with the new primary and
+//!    without the old one (version + 1, backup kept, atomic rename) and published like
+//!    a reload, so held writes resume at once. The old primary is in no map the proxy
+//!    routes by, so it never receives writes through the proxy again, whatever it
+//!    believes when it comes back; it is listed in `Frontend::fenced`.
+//! 5. Re-point: the other replicas get the new primary in `primary_conninfo`
 //!    (`ALTER SYSTEM` + `pg_reload_conf()`; they follow the new timeline), and we wait
 //!    until they stream from it.
-//! 5. Fence and persist: the shard map is written back with the new primary and
-//!    without the old one (version + 1, backup kept, atomic rename) and published like
-//!    a reload. The old primary is in no map the proxy routes by, so it never receives
-//!    writes through the proxy again, whatever it believes when it comes back; it is
-//!    listed in `Frontend::fenced`.
 //! 6. Keep fencing (failover/fence.rs): the monitor fences by timeline and system
 //!    identifier, not by `pg_is_in_recovery()` alone (control/monitor/fence.rs). A
 //!    fenced node that answers as a primary is made read-only on the server; a map whose
@@ -216,12 +216,13 @@ impl Failover {
         }
         // A node fenced or switched over earlier was made read-only with ALTER SYSTEM, and
         // a replica rebuilt from it may carry that: the new primary must take writes.
-        run(
-            &candidate,
-            "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf()",
-        )
-        .await
-        .map_err(&promote_error)?;
+        // (Two statements: ALTER SYSTEM cannot run in a multi-statement batch.)
+        for sql in [
+            "ALTER SYSTEM RESET default_transaction_read_only",
+            "SELECT pg_reload_conf()",
+        ] {
+            run(&candidate, sql).await.map_err(&promote_error)?;
+        }
         let new_primary = &nodes[1 + index];
         let others: Vec<&MonitorNode> = nodes[1..]
             .iter()
@@ -229,8 +230,10 @@ impl Failover {
             .filter(|(i, _)| *i != index)
             .map(|(_, n)| n)
             .collect();
-        let (following, not_following) = repoint(&others, new_primary, timeout).await;
+        // The map first: writes held for this shard resume on the new primary while the
+        // other replicas are re-pointed (up to FOLLOW_TIMEOUT each).
         let version = self.persist(&map, shard, index).await?;
+        let (following, not_following) = repoint(&others, new_primary, timeout).await;
         Ok(Promotion {
             shard: shard.to_owned(),
             old_primary: addr(old),
