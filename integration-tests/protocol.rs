@@ -748,3 +748,156 @@ async fn a_server_that_breaks_the_protocol_is_blamed_and_its_connection_dropped(
         );
     }
 }
+
+/// Sends (tag, body) messages as they are (any bytes), ending with one Query or Sync,
+/// and returns the answer up to its ReadyForQuery, failing on an error.
+async fn raw_round_trip(
+    s: &mut tokio::net::TcpStream,
+    inbuf: &mut bytes::BytesMut,
+    messages: &[(u8, Vec<u8>)],
+) -> Vec<(u8, Vec<u8>)> {
+    let mut out = bytes::BytesMut::new();
+    for (tag, body) in messages {
+        shardgate::protocol::messages::put_msg(&mut out, *tag, |b| b.extend_from_slice(body));
+    }
+    s.write_all(&out).await.unwrap();
+    let answer = common::raw::read_until_ready(s, inbuf).await;
+    let errors: Vec<String> = answer
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    answer
+}
+
+/// The first column of the first DataRow among `answer`.
+fn first_value(answer: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    let (_, row) = answer
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .unwrap_or_else(|| panic!("a row: {answer:?}"));
+    let len = i32::from_be_bytes([row[2], row[3], row[4], row[5]]) as usize;
+    row[6..6 + len].to_vec()
+}
+
+/// Issue 10 item 4: with `client_encoding` LATIN1 a client's literal 'é' is the byte
+/// 0xE9, no UTF-8. Such text passes through unchanged, simple and extended protocol
+/// (named and unnamed statements), and round-trips byte for byte; the session goes on
+/// (it used to end in FATAL 08P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latin1_text_passes_through_byte_for_byte() {
+    let cluster = shared_cluster();
+    let db = unique_name("latin1");
+    let port = cluster.primary.1;
+    superuser_client(cluster, port, "postgres")
+        .await
+        .batch_execute(&format!(
+            "CREATE DATABASE {db} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0 OWNER {}",
+            cluster.app_user
+        ))
+        .await
+        .unwrap();
+    let map = format!(
+        "version: 1\ndatabase: {db}\nshards:\n  s0: {}\ndefault_shard: s0\n",
+        common::proxy::shard_entry(cluster)
+    );
+    let mut proxy =
+        common::proxy::start_proxy_with_map(cluster, &map, ProxyOptions::default()).await;
+    proxy.database = db.clone();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    common::raw::login(&mut s, &proxy).await;
+    let mut inbuf = bytes::BytesMut::new();
+    let q = |text: &[u8]| (b'Q', [text, b"\0"].concat());
+    for setup in [
+        &b"SET client_encoding = 'LATIN1'"[..],
+        b"CREATE TABLE words (id int, v text)",
+    ] {
+        raw_round_trip(&mut s, &mut inbuf, &[q(setup)]).await;
+    }
+
+    // Simple protocol: an INSERT and a SELECT with 0xE9 in their literals.
+    raw_round_trip(
+        &mut s,
+        &mut inbuf,
+        &[q(b"INSERT INTO words VALUES (1, 'caf\xe9')")],
+    )
+    .await;
+    let answer = raw_round_trip(
+        &mut s,
+        &mut inbuf,
+        &[q(b"SELECT v FROM words WHERE v = 'caf\xe9'")],
+    )
+    .await;
+    assert_eq!(first_value(&answer), b"caf\xe9");
+
+    // Extended protocol: a named statement (renamed pool-wide, so the proxy itself
+    // writes its Parse) and an unnamed one with a parameter.
+    let parse = |name: &[u8], text: &[u8]| (b'P', [name, b"\0", text, b"\0\0\0"].concat());
+    let bind = |name: &[u8], param: Option<&[u8]>| {
+        let mut body = [b"\0", name, b"\0\0\0"].concat();
+        match param {
+            Some(p) => {
+                body.extend_from_slice(&1i16.to_be_bytes());
+                body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+                body.extend_from_slice(p);
+            }
+            None => body.extend_from_slice(&0i16.to_be_bytes()),
+        }
+        body.extend_from_slice(&0i16.to_be_bytes());
+        (b'B', body)
+    };
+    let execute = (b'E', b"\0\0\0\0\0".to_vec());
+    let sync = (b'S', Vec::new());
+    raw_round_trip(
+        &mut s,
+        &mut inbuf,
+        &[
+            parse(b"ins", b"INSERT INTO words VALUES (2, 'na\xefve')"),
+            bind(b"ins", None),
+            execute.clone(),
+            sync.clone(),
+        ],
+    )
+    .await;
+    // The named statement again, in a later transaction.
+    raw_round_trip(
+        &mut s,
+        &mut inbuf,
+        &[bind(b"ins", None), execute.clone(), sync.clone()],
+    )
+    .await;
+    let answer = raw_round_trip(
+        &mut s,
+        &mut inbuf,
+        &[
+            parse(
+                b"",
+                b"SELECT $1::text || '\xe9' || count(*) FROM words WHERE v = 'na\xefve'",
+            ),
+            bind(b"", Some(b"\xc0")),
+            execute.clone(),
+            sync.clone(),
+        ],
+    )
+    .await;
+    assert_eq!(first_value(&answer), b"\xc0\xe92");
+
+    // What the server stored, read directly: the client's bytes, as LATIN1.
+    let direct = superuser_client(cluster, port, &db).await;
+    let stored: Vec<Vec<u8>> = direct
+        .query("SELECT convert_to(v, 'LATIN1') FROM words ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            b"caf\xe9".to_vec(),
+            b"na\xefve".to_vec(),
+            b"na\xefve".to_vec()
+        ]
+    );
+}

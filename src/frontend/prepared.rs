@@ -31,6 +31,9 @@ pub struct PreparedStatement {
     /// `sg_<id>`, the name used on every server connection.
     pub server_name: String,
     pub query: String,
+    /// The text as the client sent it when it is not UTF-8 (a LATIN1 or SQL_ASCII
+    /// client): what every server gets; `query` is then a lossy rendering for logs.
+    pub raw_query: Option<bytes::Bytes>,
     pub param_types: Vec<u32>,
     /// Analysis done once per statement text, not per execution.
     pub effects: SessionEffects,
@@ -80,6 +83,14 @@ impl PreparedStatement {
             (plan, spans)
         });
         (plan, spans)
+    }
+
+    /// The text as servers get it.
+    pub fn wire_query(&self) -> &[u8] {
+        match &self.raw_query {
+            Some(raw) => raw,
+            None => self.query.as_bytes(),
+        }
     }
 
     pub fn is_validated(&self) -> bool {
@@ -135,6 +146,7 @@ impl StatementRegistry {
             id,
             server_name: format!("sg_{id}"),
             query: query.to_owned(),
+            raw_query: None,
             param_types: param_types.to_vec(),
             effects,
             analyzed,
@@ -146,6 +158,48 @@ impl StatementRegistry {
         });
         reg.by_text.entry(hash).or_default().push(stmt.clone());
         stmt
+    }
+
+    /// A statement whose text is not UTF-8: kept as the client's bytes, routed to the
+    /// primary (`analyze::NOT_UTF8`), never shared with other texts. Its session effects
+    /// (a SET of a LATIN1 value...) cannot be carried as text to other connections, so
+    /// any makes its server connection tainted instead (DISCARD ALL before reuse).
+    pub fn register_raw(&self, query: &[u8], param_types: &[u32]) -> Arc<PreparedStatement> {
+        let lossy = String::from_utf8_lossy(query).into_owned();
+        let seen = session_sql::analyze(&lossy);
+        let effects = SessionEffects {
+            effects: Vec::new(),
+            taints: !seen.is_empty(),
+            changes_shapes: seen.changes_shapes,
+        };
+        let id = {
+            let mut reg = self.lock();
+            reg.next_id += 1;
+            reg.next_id
+        };
+        Arc::new(PreparedStatement {
+            id,
+            server_name: format!("sg_{id}"),
+            query: lossy,
+            raw_query: Some(bytes::Bytes::copy_from_slice(query)),
+            param_types: param_types.to_vec(),
+            effects,
+            analyzed: Arc::new(analyze::NOT_UTF8),
+            validated: AtomicBool::new(false),
+            shape: OnceLock::new(),
+            stale: AtomicBool::new(false),
+            epoch: self.epoch.load(Ordering::Acquire),
+            shard_plan: OnceLock::new(),
+        })
+    }
+
+    /// `stmt`'s text and parameter types registered afresh (a new statement once the
+    /// old one is retired).
+    pub fn register_again(&self, stmt: &PreparedStatement) -> Arc<PreparedStatement> {
+        match &stmt.raw_query {
+            Some(raw) => self.register_raw(raw, &stmt.param_types),
+            None => self.register(&stmt.query, &stmt.param_types),
+        }
     }
 
     /// The statement's shape changed: nobody gets it from the registry again, and
@@ -231,6 +285,25 @@ pub fn shape_of(message: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A LATIN1 client's text: servers get its bytes, routing sends it to the primary,
+    /// and a session effect in it taints the connection instead of being replayed.
+    #[test]
+    fn non_utf8_texts_keep_their_bytes() {
+        let reg = StatementRegistry::default();
+        let insert = reg.register_raw(b"INSERT INTO t VALUES ('caf\xe9')", &[]);
+        assert_eq!(insert.wire_query(), b"INSERT INTO t VALUES ('caf\xe9')");
+        assert_eq!(*insert.analyzed, analyze::NOT_UTF8);
+        assert!(insert.effects.is_empty());
+        let again = reg.register_raw(b"INSERT INTO t VALUES ('caf\xe9')", &[]);
+        assert_ne!(insert.id, again.id, "never shared");
+        assert_eq!(
+            reg.register_again(&insert).wire_query(),
+            insert.wire_query()
+        );
+        let set = reg.register_raw(b"SET application_name = 'caf\xe9'", &[]);
+        assert!(set.effects.taints && set.effects.effects.is_empty());
+    }
 
     #[test]
     fn same_text_and_types_share_one_name() {

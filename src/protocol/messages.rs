@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::frame::{take_cstr, take_i16, take_i32, Frame};
+use super::frame::{take_cbytes, take_cstr, take_i16, take_i32, Frame};
 use super::ProtocolError;
 
 /// Frontend (client -> server) message tags.
@@ -65,10 +65,37 @@ pub fn decode_query(frame: &Frame) -> Result<&str, ProtocolError> {
     take_cstr(&mut body)
 }
 
+/// A Query's text as bytes. A client whose `client_encoding` is not UTF-8 (LATIN1,
+/// SQL_ASCII) may send bytes that are no UTF-8 in a literal; they are the server's to
+/// read, not an error.
+pub fn decode_query_bytes(frame: &Frame) -> Result<&[u8], ProtocolError> {
+    let mut body = frame.body();
+    take_cbytes(&mut body)
+}
+
+/// A Parse with its text as bytes (see `decode_query_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseBytes<'a> {
+    pub name: &'a str,
+    pub query: &'a [u8],
+    pub param_types: Vec<u32>,
+}
+
 pub fn decode_parse(frame: &Frame) -> Result<Parse<'_>, ProtocolError> {
+    let parse = decode_parse_bytes(frame)?;
+    let query =
+        std::str::from_utf8(parse.query).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
+    Ok(Parse {
+        name: parse.name,
+        query,
+        param_types: parse.param_types,
+    })
+}
+
+pub fn decode_parse_bytes(frame: &Frame) -> Result<ParseBytes<'_>, ProtocolError> {
     let mut body = frame.body();
     let name = take_cstr(&mut body)?;
-    let query = take_cstr(&mut body)?;
+    let query = take_cbytes(&mut body)?;
     let n = take_i16(&mut body)?;
     if n < 0 {
         return Err(ProtocolError::Malformed("negative parameter count"));
@@ -77,7 +104,7 @@ pub fn decode_parse(frame: &Frame) -> Result<Parse<'_>, ProtocolError> {
     for _ in 0..n {
         param_types.push(take_i32(&mut body)? as u32);
     }
-    Ok(Parse {
+    Ok(ParseBytes {
         name,
         query,
         param_types,
@@ -276,9 +303,15 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
 }
 
 pub fn parse(buf: &mut BytesMut, name: &str, sql: &str, param_types: &[u32]) {
+    parse_bytes(buf, name, sql.as_bytes(), param_types)
+}
+
+/// A Parse of a text kept as the client's bytes (see `decode_query_bytes`).
+pub fn parse_bytes(buf: &mut BytesMut, name: &str, sql: &[u8], param_types: &[u32]) {
     put_msg(buf, tag::PARSE, |b| {
         put_cstr(b, name);
-        put_cstr(b, sql);
+        b.put_slice(sql);
+        b.put_u8(0);
         b.put_i16(param_types.len() as i16);
         for t in param_types {
             b.put_u32(*t);

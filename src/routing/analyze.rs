@@ -62,6 +62,15 @@ pub struct Analyzed {
     pub parsed: bool,
 }
 
+/// A statement text that is not UTF-8 (a LATIN1 or SQL_ASCII client's literal): it is
+/// passed to the server as it is and routed as SQL the parser rejects, to the primary.
+pub const NOT_UTF8: Analyzed = Analyzed {
+    class: StatementClass::Write,
+    hint: None,
+    set_target: None,
+    parsed: false,
+};
+
 /// Functions that write, take locks that only make sense on the primary, or fail on a
 /// standby. Matched on the unqualified, lower-cased name.
 const PRIMARY_FUNCTIONS: &[&str] = &[

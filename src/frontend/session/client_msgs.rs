@@ -12,7 +12,7 @@ use crate::frontend::prepared::PreparedStatement;
 use crate::frontend::session_sql;
 use crate::protocol::messages::{self, btag, tag};
 use crate::protocol::{next_client_frame, Frame, Next, ProtocolError};
-use crate::routing::analyze::StatementClass;
+use crate::routing::analyze::{StatementClass, NOT_UTF8};
 
 pub(super) const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
 pub(super) const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
@@ -20,6 +20,10 @@ const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
 pub(super) const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
 const NO_DATA: &[u8] = &[btag::NO_DATA, 0, 0, 0, 4];
 const NO_PARAMETERS: &[u8] = &[btag::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0];
+
+/// Why a sharded map refuses a statement whose text is not UTF-8: its keys cannot be
+/// read, as for SQL the parser rejects.
+const NOT_UTF8_SHARDED: &str = "the statement text is not valid UTF-8 (client_encoding is not UTF8), so the shard it belongs to is unknown";
 
 /// Makes the server fail with the SQLSTATE of a stale prepared statement, so the
 /// transaction fails on the server exactly as it would on a direct connection.
@@ -214,7 +218,9 @@ where
     }
 
     async fn on_query(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let sql = messages::decode_query(frame)?;
+        let Ok(sql) = std::str::from_utf8(messages::decode_query_bytes(frame)?) else {
+            return self.on_query_not_utf8(frame).await;
+        };
         let analyzed = self.fe.analysis.get_or_analyze(sql);
         if let Some(mode) = analyzed.set_target {
             // `SET shardgate.target` is ours: answered here, never sent to a server.
@@ -248,6 +254,29 @@ where
         Ok(())
     }
 
+    /// A Query whose text is not UTF-8 (a LATIN1 or SQL_ASCII client's literal): sent
+    /// as it is, to the primary, as SQL the parser rejects would be. Its session effects
+    /// cannot be carried as text, so any makes the connection tainted (DISCARD ALL
+    /// before reuse) instead of following the client.
+    async fn on_query_not_utf8(&mut self, frame: &Frame) -> Result<(), SessionError> {
+        if self.topo.sharded() {
+            return self.refuse_query(NOT_UTF8_SHARDED).await;
+        }
+        let seen = {
+            let text = messages::decode_query_bytes(frame)?;
+            session_sql::analyze(&String::from_utf8_lossy(text))
+        };
+        self.ensure_server(Some(&NOT_UTF8)).await?;
+        self.note_statement(&NOT_UTF8);
+        self.note_shape_changes(seen.changes_shapes);
+        if let Some(conn) = self.server.as_mut() {
+            conn.tainted |= !seen.is_empty();
+        }
+        self.sout.extend_from_slice(&frame.raw);
+        self.push(Op::Forward(Expect::Query));
+        Ok(())
+    }
+
     async fn on_execute(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let portal = frame.body().split(|&b| b == 0).next().unwrap_or_default();
         match self.target_portal.take() {
@@ -266,8 +295,14 @@ where
     }
 
     async fn on_parse(&mut self, frame: &Frame) -> Result<(), SessionError> {
-        let parse = messages::decode_parse(frame)?;
-        let stmt = self.fe.statements.register(parse.query, &parse.param_types);
+        let parse = messages::decode_parse_bytes(frame)?;
+        let stmt = match std::str::from_utf8(parse.query) {
+            Ok(text) => self.fe.statements.register(text, &parse.param_types),
+            Err(_) => self
+                .fe
+                .statements
+                .register_raw(parse.query, &parse.param_types),
+        };
         if stmt.analyzed.set_target.is_some() {
             // `SET shardgate.target` through the extended protocol: ours, like its
             // simple-query form; no server sees it.
@@ -287,7 +322,11 @@ where
             self.push_synthetic(PARSE_COMPLETE);
             return Ok(());
         }
-        if self.topo.sharded() && self.server.is_none() && self.deferred_parse.is_none() {
+        if self.topo.sharded()
+            && self.server.is_none()
+            && self.deferred_parse.is_none()
+            && stmt.raw_query.is_none()
+        {
             // The shard is known only at Bind: the Parse goes to that shard's server
             // then, in front of the Bind (or to the default shard before anything else).
             if parse.name.is_empty() {
@@ -330,10 +369,10 @@ where
             if known {
                 self.push_synthetic(PARSE_COMPLETE);
             } else {
-                messages::parse(
+                messages::parse_bytes(
                     &mut self.sout,
                     &stmt.server_name,
-                    &stmt.query,
+                    stmt.wire_query(),
                     &stmt.param_types,
                 );
                 self.push(Op::Forward(Expect::Parse {
@@ -386,7 +425,7 @@ where
         } else {
             stmt.server_name.as_str()
         };
-        messages::parse(&mut self.sout, name, &stmt.query, &stmt.param_types);
+        messages::parse_bytes(&mut self.sout, name, stmt.wire_query(), &stmt.param_types);
         self.push(Op::Hidden(expect));
         self.describe_for_shape(stmt, name, None)
     }
@@ -463,6 +502,10 @@ where
             self.target_portal = None;
         }
         if let (true, Some(stmt)) = (self.topo.sharded(), &stmt) {
+            if stmt.raw_query.is_some() {
+                self.refuse_extended(NOT_UTF8_SHARDED).await?;
+                return Ok(true);
+            }
             if !self.route_sharded_bind(stmt, &bind).await? {
                 return Ok(true);
             }

@@ -388,7 +388,7 @@ where
         {
             // The client's own Parse just made it, with the new shape: its name now
             // means a new statement (re-created on the server when first bound).
-            let fresh = self.fe.statements.register(&stmt.query, &stmt.param_types);
+            let fresh = self.fe.statements.register_again(&stmt);
             self.statements.insert(name, fresh);
         }
     }

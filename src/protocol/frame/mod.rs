@@ -269,14 +269,22 @@ fn decode_params(mut body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError
 
 /// Reads one NUL-terminated UTF-8 string and advances past it.
 pub fn take_cstr<'a>(body: &mut &'a [u8]) -> Result<&'a str, ProtocolError> {
+    let mut rest = *body;
+    let bytes = take_cbytes(&mut rest)?;
+    let s = std::str::from_utf8(bytes).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
+    *body = rest;
+    Ok(s)
+}
+
+/// Reads one NUL-terminated string in whatever encoding and advances past it.
+pub fn take_cbytes<'a>(body: &mut &'a [u8]) -> Result<&'a [u8], ProtocolError> {
     let nul = body
         .iter()
         .position(|&b| b == 0)
         .ok_or(ProtocolError::Malformed("missing string terminator"))?;
-    let s =
-        std::str::from_utf8(&body[..nul]).map_err(|_| ProtocolError::Malformed("invalid UTF-8"))?;
+    let bytes = &body[..nul];
     *body = &body[nul + 1..];
-    Ok(s)
+    Ok(bytes)
 }
 
 /// Reads a big-endian i16/i32 and advances.

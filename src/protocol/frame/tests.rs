@@ -56,7 +56,10 @@ fn long_data_messages_stream_and_others_stay_bounded() {
     let whole = data_row(100, 95);
     assert!(matches!(
         next_server_frame(&whole, max),
-        Ok(Next::Whole(FrameHeader { tag: b'D', len: 100 }))
+        Ok(Next::Whole(FrameHeader {
+            tag: b'D',
+            len: 100
+        }))
     ));
     // A long data message that is already all here is handled whole.
     let here = data_row(STREAM_FROM + 10, STREAM_FROM + 5);
