@@ -14,12 +14,19 @@
 #                             proxy (default: cluster routing protocol pooling)
 #   SHARDGATE_DOCKER_KEEP=1   leave the cluster running afterwards (tear down yourself:
 #                             docker compose -p shardgate-test -f docker/compose.yml down -v)
+#   SHARDGATE_DOCKER_FAILOVER=0  skip the last phase (a primary killed, another cut off
+#                             the network: promotion and fencing)
+#
+# The proxy gets a copy of docker/shardgate.yaml and docker/shard-map.yaml in a temporary
+# directory it may write (a promotion rewrites the map), so the repo's files stay as they
+# are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 project="${SHARDGATE_COMPOSE_PROJECT:-shardgate-test}"
 started_dockerd=""
 build_ctx=""
+config_dir=""
 start=$SECONDS
 
 say() { echo "docker/test.sh: $*" >&2; }
@@ -97,6 +104,7 @@ cleanup() {
         dc down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || say "compose down failed"
     fi
     [ -n "$build_ctx" ] && rm -rf "$build_ctx"
+    [ -n "$config_dir" ] && rm -rf "$config_dir"
     stop_dockerd
     phase "done, exit $status"
     exit "$status"
@@ -120,6 +128,13 @@ build_ctx="$(mktemp -d /tmp/shardgate-image.XXXXXX)"
 cp "$binary" "$build_ctx/shardgate"
 docker build -q -f docker/Dockerfile.runtime -t shardgate:local "$build_ctx" >/dev/null
 
+# The proxy's config directory: a copy it can write (uid 10001 in the image), since a
+# promotion rewrites the shard map (compose.yml mounts SHARDGATE_CONFIG_DIR).
+config_dir="$(mktemp -d /tmp/shardgate-config.XXXXXX)"
+cp docker/shardgate.yaml docker/shard-map.yaml "$config_dir/"
+chown -R 10001 "$config_dir" 2>/dev/null || chmod -R a+rwX "$config_dir"
+export SHARDGATE_CONFIG_DIR="$config_dir"
+
 phase "cluster: up (compose project $project)"
 # A leftover of an earlier run killed hard (SIGKILL skips the trap).
 dc down -v --remove-orphans --timeout 5 >/dev/null 2>&1 || true
@@ -135,20 +150,24 @@ for i in $(seq 120); do
 done
 
 # The nodes as the tests reach them (published ports = the ports inside the containers),
-# and the container behind each replica port for the kill test.
+# and the container behind each port for the kill and partition tests.
 containers=""
-for node in s0-replica1:5433 s0-replica2:5434 s1-replica1:5443 s1-replica2:5444; do
+for node in s0-primary:5432 s0-replica1:5433 s0-replica2:5434 s1-primary:5442 s1-replica1:5443 s1-replica2:5444; do
     id="$(dc ps -q "${node%%:*}")"
     containers="${containers:+$containers,}${node##*:}=$id"
 done
 export SHARDGATE_TEST_PROXY=127.0.0.1:6432
 export SHARDGATE_TEST_SHARDS="s0=127.0.0.1:5432,127.0.0.1:5433,127.0.0.1:5434;s1=127.0.0.1:5442,127.0.0.1:5443,127.0.0.1:5444"
-export SHARDGATE_TEST_SHARD_MAP="$PWD/docker/shard-map.yaml"
+export SHARDGATE_TEST_SHARD_MAP="$config_dir/shard-map.yaml"
 export SHARDGATE_TEST_CONTAINERS="$containers"
+# The compose network the proxy reaches the nodes on (the partition test leaves it).
+SHARDGATE_TEST_NETWORK="$(docker inspect -f '{{range $name, $_ := .NetworkSettings.Networks}}{{$name}}{{end}}' "$(dc ps -q s1-primary)")"
+export SHARDGATE_TEST_NETWORK
+export SHARDGATE_TEST_ADMIN=admin:admin-secret
 export SHARDGATE_TEST_SUPERUSER_DSN="host=127.0.0.1 port=5432 user=postgres password=postgres-secret dbname=postgres"
 
 phase "tests: the dockerized proxy (cargo test --test docker_cluster)"
-cargo test --locked --test docker_cluster
+cargo test --locked --test docker_cluster -- --skip failover_
 
 # The existing suite's external-cluster mode: its shared-cluster tests run against shard
 # s0's containers through an in-process proxy (tests that kill or promote nodes still
@@ -159,4 +178,11 @@ suite=()
 for t in ${SHARDGATE_DOCKER_SUITE:-cluster routing protocol pooling}; do suite+=(--test "$t"); done
 phase "tests: shard s0's containers as the external cluster (cargo test ${suite[*]})"
 cargo test --locked "${suite[@]}"
+
+# Last, since they leave both shards with new primaries: s0's primary container killed,
+# s1's cut off the network while it keeps running (a partition), then reconnected.
+if [ "${SHARDGATE_DOCKER_FAILOVER:-1}" != 0 ]; then
+    phase "tests: failover (docker kill and docker network disconnect of primaries)"
+    SHARDGATE_TEST_FAILOVER=1 cargo test --locked --test docker_cluster failover_ -- --test-threads=1 --nocapture
+fi
 phase "all passed"

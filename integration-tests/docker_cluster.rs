@@ -14,13 +14,25 @@
 //!   whose `users` table must be hash-sharded by `id`;
 //! - `SHARDGATE_TEST_SUPERUSER_DSN` (its user and password are used on every node) and
 //!   `SHARDGATE_TEST_APP_USER` / `_APP_PASSWORD` / `_DATABASE`, as for `shared_cluster`;
-//! - `SHARDGATE_TEST_CONTAINERS=port=container,...`: only for the test that kills a
-//!   container (it skips without it).
+//! - `SHARDGATE_TEST_CONTAINERS=port=container,...`: only for the tests that kill or cut
+//!   off a container (they skip without it).
+//!
+//! The `failover_*` tests kill a primary container and cut another off the network: they
+//! leave the cluster with new primaries and an old one fenced, so they run only with
+//! `SHARDGATE_TEST_FAILOVER=1` (docker/test.sh runs them last, one at a time, after
+//! everything else), and they need:
+//! - `SHARDGATE_TEST_SHARD_MAP` to be the very file the proxy writes on a promotion;
+//! - `SHARDGATE_TEST_NETWORK`: the docker network the proxy reaches the nodes on (the
+//!   partition test `docker network disconnect`s a primary from it);
+//! - the admin console, as `SHARDGATE_TEST_ADMIN=user:password` (default
+//!   `admin:admin-secret`), for `SHOW NODES`.
 //!
 //! The tests share one long-lived cluster, so they run one at a time and use keys of their
 //! own (a random base) in the `users` table, which they create if it is missing.
 
 mod common;
+#[path = "docker_cluster/failover.rs"]
+mod failover;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -45,6 +57,8 @@ struct Env {
     ranges: Vec<(u32, u32, String)>,
     /// Container of the node listening on a port.
     containers: HashMap<u16, String>,
+    /// The proxy's shard map file.
+    map_path: PathBuf,
 }
 
 fn env() -> Option<&'static Env> {
@@ -110,6 +124,7 @@ fn load_env() -> Option<Env> {
             .map(|(r, shard)| (*r.start(), *r.end(), shard.clone()))
             .collect(),
         containers,
+        map_path,
     })
 }
 
