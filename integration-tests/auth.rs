@@ -1,9 +1,19 @@
-//! Client-facing connection setup: SCRAM passwords, TLS, the connection limit.
+//! Client-facing connection setup: SCRAM passwords, TLS, channel binding, the
+//! connection limits (logged-in clients and connections still logging in).
 
 mod common;
 
-use common::proxy::{pg_bin, run_cmd, start_proxy, temp_dir, ProxyOptions};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::proxy::{pg_bin, run_cmd, start_proxy, temp_dir, ProxyOptions, TempDir};
 use common::shared_cluster;
+
+const SSL_REQUEST: u32 = 80877103;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_and_unknown_user_get_28p01() {
@@ -124,4 +134,205 @@ async fn tls_when_configured_and_a_plain_no_otherwise() {
             .args(["-X", "-At", "-c", "SELECT 1"]),
     );
     assert!(ok && stdout.trim() == "1");
+}
+
+/// A proxy like `start_proxy`'s with more `limits:` settings than ProxyOptions has
+/// (`"startup_wait: 1s, login_timeout: 60s"`); keep the pair alive as long as the proxy.
+async fn start_proxy_with_limits(
+    opts: ProxyOptions,
+    limits: &str,
+) -> (shardgate::app::ProxyHandle, TempDir) {
+    let cluster = shared_cluster();
+    let (dir, path) = common::proxy::write_config(cluster, &opts, "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("limits: { ", &format!("limits: {{ {limits}, "), 1);
+    std::fs::write(&path, text).unwrap();
+    let config = shardgate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let map =
+        shardgate::shard_map::ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
+    let handle = shardgate::app::start(&config, &map).await.unwrap();
+    (handle, dir)
+}
+
+/// The app user's DSN for a proxy on `port`.
+fn app_dsn(port: u16) -> String {
+    let cluster = shared_cluster();
+    format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname={}",
+        cluster.app_user, cluster.app_password, cluster.database
+    )
+}
+
+/// A self-signed certificate made by openssl with `key_args` (e.g. `["-newkey",
+/// "rsa:2048"]`) and `digest` (e.g. `-sha256`): (dir, cert, key).
+fn self_signed(key_args: &[&str], digest: &str) -> (TempDir, PathBuf, PathBuf) {
+    let dir = temp_dir("auth-tls");
+    let (cert, key) = (dir.0.join("server.crt"), dir.0.join("server.key"));
+    let (ok, _, stderr) = run_cmd(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-nodes", "-days", "2", digest])
+            .args(key_args)
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    assert!(ok, "openssl: {stderr}");
+    (dir, cert, key)
+}
+
+/// What the proxy sends until it closes the connection, and whether it closed within
+/// `limit` (false: it was still open, waiting for more).
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = s.read(&mut chunk).await {
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .is_ok();
+    (got, closed)
+}
+
+/// The SQLSTATE of an ErrorResponse at the start of `bytes`.
+fn sqlstate(bytes: &[u8]) -> Option<String> {
+    let mut buf = BytesMut::from(bytes);
+    let frame = shardgate::protocol::decode_frame(&mut buf, 1 << 20).ok()??;
+    if frame.tag != b'E' {
+        return None;
+    }
+    // Fields: a type byte, a NUL-terminated value; a lone NUL ends the list.
+    let mut fields = frame.body().split(|&b| b == 0);
+    fields
+        .find(|f| f.first() == Some(&b'C'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+}
+
+fn ssl_request() -> [u8; 8] {
+    let mut packet = [0u8; 8];
+    packet[..4].copy_from_slice(&8u32.to_be_bytes());
+    packet[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+    packet
+}
+
+/// Issue 10 item 7: sockets that connect and say nothing hold login slots, never
+/// client slots. With 200 of them open and 50 client slots, real clients (a driver and
+/// psql) log in at once, while the silent sockets are all still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_do_not_lock_out_real_clients() {
+    let opts = ProxyOptions {
+        max_client_connections: 50,
+        ..Default::default()
+    };
+    // Room for every silent socket and long waits: the clients get in beside them, not
+    // after the proxy gave up on them.
+    let limits = "max_unauthenticated: 300, startup_wait: 60s, login_timeout: 60s";
+    let (proxy, _dir) = start_proxy_with_limits(opts, limits).await;
+    let mut silent = Vec::new();
+    for _ in 0..200 {
+        silent.push(TcpStream::connect(proxy.local_addr).await.unwrap());
+    }
+    let started = Instant::now();
+    let dsn = app_dsn(proxy.local_addr.port());
+    let client = common::proxy::connect(&dsn).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let psql = std::process::Command::new(pg_bin("psql"))
+        .arg(&dsn)
+        .args(["-X", "-At", "-c", "SELECT 40 + 2"])
+        .output()
+        .unwrap();
+    assert!(
+        psql.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "logins took {took:?}");
+    for s in &silent {
+        let mut byte = [0u8; 1];
+        let still_open =
+            matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        assert!(still_open, "a silent socket was closed before startup_wait");
+    }
+}
+
+/// Over either bound, a new socket gets 53300 at once, before it has sent anything,
+/// and a client asking for TLS gets the error instead of a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_either_limit_a_socket_gets_53300_at_once() {
+    let (_certs, cert, key) = self_signed(
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "-sha256",
+    );
+    let opts = ProxyOptions {
+        max_client_connections: 2,
+        tls: Some((cert, key)),
+        ..Default::default()
+    };
+    let limits = "max_unauthenticated: 3, startup_wait: 60s, login_timeout: 60s";
+    let (proxy, _dir) = start_proxy_with_limits(opts, limits).await;
+    let addr = proxy.local_addr;
+    let refused_at_once = |what: &'static str| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (got, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert!(closed, "{what}: left open");
+        assert_eq!(sqlstate(&got).as_deref(), Some("53300"), "{what}: {got:?}");
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&ssl_request()).await.unwrap();
+        let (got, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        assert!(closed, "{what}, SSLRequest: left open");
+        assert_eq!(
+            sqlstate(&got).as_deref(),
+            Some("53300"),
+            "{what}, SSLRequest: {got:?}"
+        );
+    };
+
+    // Three silent sockets hold every login slot.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    refused_at_once("login slots taken").await;
+    drop(silent);
+
+    // Two logged-in clients hold every client slot (logins work again once the silent
+    // sockets' slots are back).
+    let dsn = app_dsn(addr.port());
+    let clients = std::sync::Mutex::new(Vec::new());
+    let (dsn, logged_in) = (&dsn, &clients);
+    common::wait_for(
+        "two clients logged in",
+        Duration::from_secs(10),
+        || async move {
+            if let Ok((client, conn)) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
+                tokio::spawn(conn);
+                logged_in.lock().unwrap().push(client);
+            }
+            logged_in.lock().unwrap().len() == 2
+        },
+    )
+    .await;
+    refused_at_once("client slots taken").await;
+    for client in clients.into_inner().unwrap() {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+}
+
+/// A socket that does not send a whole first message within `startup_wait` is closed,
+/// long before `login_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_silent_past_startup_wait_is_closed() {
+    let limits = "startup_wait: 1s, login_timeout: 60s";
+    let (proxy, _dir) = start_proxy_with_limits(ProxyOptions::default(), limits).await;
+    // Nothing at all, and half a startup packet (its length only).
+    for first in [&[][..], &[0, 0, 0, 40][..]] {
+        let mut s = TcpStream::connect(proxy.local_addr).await.unwrap();
+        s.write_all(first).await.unwrap();
+        let (got, closed) = read_until_closed(&mut s, Duration::from_secs(30)).await;
+        assert!(closed, "still open after 30s");
+        assert!(got.is_empty(), "{got:?}");
+    }
 }

@@ -168,6 +168,7 @@ pub fn build_frontend(
         },
         max_message_size: config.limits.max_message_size,
         login_timeout: config.limits.login_timeout,
+        startup_wait: config.limits.startup_wait,
         database: map.database.clone(),
         read_your_writes: config.routing.read_your_writes,
         failover_buffer: config.failover.auto.then_some(config.failover.buffer),
@@ -312,6 +313,7 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         listener,
         fe: frontend.clone(),
         max_clients: config.limits.max_client_connections,
+        max_unauthenticated: config.limits.max_unauthenticated,
     };
     let grace = config.limits.shutdown_grace;
     let task = tokio::spawn(async move {

@@ -1,34 +1,78 @@
-//! Accepts client connections. A semaphore bounds live sessions (the
-//! `max_client_connections` limit) and doubles as the shutdown tracker: once every
-//! permit is back, every session has ended.
+//! Accepts client connections and admits them in two stages, each with its own bound.
+//! A connection still in startup or authentication holds one of
+//! `limits.max_unauthenticated` login slots; only a client that has authenticated takes
+//! one of `limits.max_client_connections` client slots. Silent or slow sockets thus use
+//! up login slots alone (and lose them after `startup_wait` or `login_timeout`), never
+//! the slots of real clients. A socket over either bound is refused at once with 53300,
+//! before anything is read from it or any TLS handshake.
+//!
+//! The two semaphores are also the shutdown tracker: a connection always holds a login
+//! or a client slot, so once every permit of both is back, every connection has ended.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::{startup, Frontend};
 
 pub struct Listener {
     pub listener: TcpListener,
     pub fe: Arc<Frontend>,
+    /// `limits.max_client_connections`: authenticated clients.
     pub max_clients: usize,
+    /// `limits.max_unauthenticated`: connections before authentication; also bounds
+    /// how many over-limit sockets may linger while their refusal is delivered.
+    pub max_unauthenticated: usize,
+}
+
+/// A connection's place while it logs in: its login slot, and where it takes a client
+/// slot once authenticated.
+pub struct Admission {
+    login: OwnedSemaphorePermit,
+    clients: Arc<Semaphore>,
+}
+
+impl Admission {
+    /// Trades the login slot for a client slot; None when every client slot is taken.
+    /// The client slot is taken before the login slot goes back, so the connection is
+    /// counted throughout (the shutdown wait relies on it).
+    pub fn admit(self) -> Option<OwnedSemaphorePermit> {
+        let client = self.clients.try_acquire_owned().ok();
+        drop(self.login);
+        client
+    }
+}
+
+/// Which bound a refused socket hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    Clients,
+    Unauthenticated,
 }
 
 impl Listener {
     /// Accepts until `shutdown` turns true, then waits up to `grace` for sessions to
     /// finish their transactions (idle sessions are closed by themselves at once).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let slots = Arc::new(Semaphore::new(self.max_clients));
+        let clients = Arc::new(Semaphore::new(self.max_clients));
+        let logins = Arc::new(Semaphore::new(self.max_unauthenticated));
+        let refusals = Arc::new(Semaphore::new(self.max_unauthenticated));
         let sessions_shutdown = shutdown.clone();
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
-                    Ok((socket, _)) => {
-                        let permit = slots.clone().try_acquire_owned().ok();
-                        tokio::spawn(startup::serve(socket, self.fe.clone(), permit, sessions_shutdown.clone()));
-                    }
+                    Ok((socket, _)) => match admission(&logins, &clients) {
+                        Ok(admission) => {
+                            let fe = self.fe.clone();
+                            tokio::spawn(startup::serve(socket, fe, admission, sessions_shutdown.clone()));
+                        }
+                        Err(over) => {
+                            let lingering = refusals.clone().try_acquire_owned().ok();
+                            tokio::spawn(startup::refuse_over_limit(socket, over, lingering));
+                        }
+                    },
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
                         tracing::warn!(%error, "accept failed");
@@ -40,9 +84,29 @@ impl Listener {
         }
         drop(self.listener);
         tracing::info!("stopped accepting; waiting for open transactions");
-        let all = slots.acquire_many(self.max_clients as u32);
+        // Logins first: once they are all back no connection can take a client slot.
+        let all = async {
+            let _logins = logins.acquire_many(self.max_unauthenticated as u32).await;
+            let _clients = clients.acquire_many(self.max_clients as u32).await;
+        };
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(?grace, "grace period over with sessions still open");
         }
     }
+}
+
+/// A login slot for a new socket, unless a bound is reached. A full house of clients
+/// refuses at once too: the connection could not get a client slot after logging in.
+fn admission(logins: &Arc<Semaphore>, clients: &Arc<Semaphore>) -> Result<Admission, OverLimit> {
+    if clients.available_permits() == 0 {
+        return Err(OverLimit::Clients);
+    }
+    let login = logins
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| OverLimit::Unauthenticated)?;
+    Ok(Admission {
+        login,
+        clients: clients.clone(),
+    })
 }

@@ -33,6 +33,8 @@ pub struct FrontendSettings {
     pub pool: PoolSettings,
     pub max_message_size: usize,
     pub login_timeout: Duration,
+    /// `limits.startup_wait`: a new connection must send its first message within this.
+    pub startup_wait: Duration,
     /// The backend database name clients must ask for.
     pub database: String,
     /// DESIGN 5.3: after a write commits, reads wait for replicas that replayed it.

@@ -1,6 +1,8 @@
 //! A client connection from accept to the query loop: SSL/GSS negotiation, the startup
 //! packet (or a CancelRequest), SCRAM-SHA-256 authentication, then ParameterStatus,
-//! BackendKeyData and ReadyForQuery, all within the login timeout.
+//! BackendKeyData and ReadyForQuery. The first message must come within
+//! `startup_wait`, the whole login within `login_timeout`; only then does the
+//! connection trade its login slot for a client slot (listener.rs).
 
 use std::sync::Arc;
 
@@ -10,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::Instrument;
 
+use super::listener::{Admission, OverLimit};
 use super::session::{Session, SessionInit};
 use super::stream::ClientStream;
 use super::Frontend;
@@ -30,6 +33,9 @@ enum LoginError {
     Refused(&'static str, String),
     #[error("login timed out")]
     Timeout,
+    /// Nothing, or no whole first message, within `startup_wait`.
+    #[error("no startup message in time")]
+    Silent,
 }
 
 struct Login {
@@ -38,12 +44,12 @@ struct Login {
     params: SessionParams,
 }
 
-/// Serves one accepted connection to the end. `permit` is None when the connection
-/// limit is reached: the client then gets SQLSTATE 53300 after its startup packet.
+/// Serves one accepted connection to the end. It logs in on `admission`'s login slot
+/// and needs a client slot once authenticated; with none free it gets 53300.
 pub async fn serve(
     socket: TcpStream,
     fe: Arc<Frontend>,
-    permit: Option<OwnedSemaphorePermit>,
+    admission: Admission,
     shutdown: watch::Receiver<bool>,
 ) {
     let peer = socket
@@ -55,12 +61,10 @@ pub async fn serve(
     async move {
         let mut stream = ClientStream::Plain(socket);
         let mut buf = BytesMut::with_capacity(1024);
-        let login = tokio::time::timeout(
-            fe.settings.login_timeout,
-            login(&mut stream, &mut buf, &fe, permit.is_some()),
-        )
-        .await
-        .unwrap_or(Err(LoginError::Timeout));
+        let login =
+            tokio::time::timeout(fe.settings.login_timeout, login(&mut stream, &mut buf, &fe))
+                .await
+                .unwrap_or(Err(LoginError::Timeout));
         let (user, database, params) = match login {
             Ok(Some(l)) => (l.user, l.database, l.params),
             Ok(None) => return,
@@ -68,6 +72,10 @@ pub async fn serve(
                 refuse(&mut stream, &error).await;
                 return;
             }
+        };
+        let Some(permit) = admission.admit() else {
+            refuse(&mut stream, &over_limit(OverLimit::Clients)).await;
+            return;
         };
         tracing::Span::current()
             .record("user", user.as_str())
@@ -94,15 +102,79 @@ pub async fn serve(
     .await
 }
 
-async fn refuse(stream: &mut ClientStream, error: &LoginError) {
-    tracing::info!(%error, "login refused");
+/// The 53300 error for a connection over `over`.
+fn over_limit(over: OverLimit) -> LoginError {
+    let message = match over {
+        OverLimit::Clients => "sorry, too many clients already",
+        OverLimit::Unauthenticated => "sorry, too many connections are logging in",
+    };
+    LoginError::Refused("53300", message.into())
+}
+
+/// A FATAL ErrorResponse, or None for errors that end a login without a word.
+fn error_message(error: &LoginError) -> Option<BytesMut> {
     let (code, message) = match error {
         LoginError::Refused(code, message) => (*code, message.as_str()),
         LoginError::Timeout => ("08006", "login timed out"),
-        LoginError::Io(_) => return,
+        // A socket that says nothing is closed without a word: it may not speak the
+        // protocol at all.
+        LoginError::Silent | LoginError::Io(_) => return None,
     };
     let mut out = BytesMut::new();
     messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", code, message);
+    Some(out)
+}
+
+/// Refuses a socket over a connection bound with 53300, at once: nothing is read first
+/// and no TLS is negotiated. The error is thus the answer to whatever the client sends
+/// first. To an SSLRequest that is what PostgreSQL answers when it cannot start a
+/// backend, and libpq handles it cleanly: it fails with "server sent an error response
+/// during SSL exchange" (since 17.2 without showing the text of an unauthenticated
+/// server, CVE-2024-10977), and does not send its startup packet. Answering 'N' instead
+/// was tried and is worse: libpq 15 with sslmode=prefer reports "server closed the
+/// connection unexpectedly" when the error follows the 'N' at once, waiting for its
+/// startup packet makes it send the user name in plaintext and costs a round trip, and
+/// sslmode=require clients are told the server "does not support SSL", which sends an
+/// operator after the wrong problem.
+///
+/// The socket is then half-closed and what the client sends is read and dropped until
+/// it closes, for at most `REFUSE_WRITE_TIMEOUT`: closing with unread input resets the
+/// connection, and a reset can discard the error before the client reads it. Only
+/// refusals holding a `lingering` slot wait so; the rest get the error only if the
+/// socket takes it without waiting.
+pub async fn refuse_over_limit(
+    mut socket: TcpStream,
+    over: OverLimit,
+    lingering: Option<OwnedSemaphorePermit>,
+) {
+    // Debug, not info: a flood of them would flood the log.
+    tracing::debug!(?over, "connection over the limit refused");
+    let Some(out) = error_message(&over_limit(over)) else {
+        return;
+    };
+    if lingering.is_none() {
+        let _ = socket.try_write(&out);
+        return;
+    }
+    let linger = async {
+        socket.write_all(&out).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, linger).await;
+}
+
+async fn refuse(stream: &mut ClientStream, error: &LoginError) {
+    match error {
+        // Many silent sockets are what a flood looks like: not worth an info line each.
+        LoginError::Silent => tracing::debug!(%error, "connection closed"),
+        _ => tracing::info!(%error, "login refused"),
+    }
+    let Some(out) = error_message(error) else {
+        return;
+    };
     // Flushed, then closed with a TLS close_notify, so the client reads the whole
     // message and can tell it from a truncated stream. Bounded: a client that does not
     // read must not keep the task alive past its login timeout.
@@ -118,10 +190,11 @@ async fn login(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
     fe: &Frontend,
-    has_slot: bool,
 ) -> Result<Option<Login>, LoginError> {
+    let first = tokio::time::timeout(fe.settings.startup_wait, read_startup(stream, buf));
+    let mut packet = first.await.map_err(|_| LoginError::Silent)??;
     let params = loop {
-        match read_startup(stream, buf).await? {
+        match packet {
             StartupPacket::SslRequest => {
                 refuse_pipelined(buf, "SSL")?;
                 negotiate_tls(stream, fe).await?
@@ -136,13 +209,8 @@ async fn login(
             }
             StartupPacket::Startup { params } => break params,
         }
+        packet = read_startup(stream, buf).await?;
     };
-    if !has_slot {
-        return Err(LoginError::Refused(
-            "53300",
-            "sorry, too many clients already".into(),
-        ));
-    }
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user =
         get("user").ok_or_else(|| LoginError::Refused("28000", "no user name given".into()))?;
