@@ -16,6 +16,10 @@
 //! under half their limits, so a replica hovering at the limit does not flap.
 //! A node whose probe fails is marked down and retried with exponential backoff
 //! (one interval, doubling, at most `MAX_BACKOFF`).
+//!
+//! Fencing (monitor/fence.rs): each probe also reads the node's timeline and system
+//! identifier; a node answering as a primary that must not be one (an older timeline
+//! than the shard's, another system, a second primary) is published `Fenced`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
