@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use common::proxy::{pg_bin, run_cmd, start_proxy, temp_dir, ProxyOptions, TempDir};
 use common::shared_cluster;
+use shardgate::protocol::messages;
 
 const SSL_REQUEST: u32 = 80877103;
 
@@ -334,5 +336,298 @@ async fn a_socket_silent_past_startup_wait_is_closed() {
         let (got, closed) = read_until_closed(&mut s, Duration::from_secs(30)).await;
         assert!(closed, "still open after 30s");
         assert!(got.is_empty(), "{got:?}");
+    }
+}
+
+/// Accepts any server certificate: the tests check what the proxy does over TLS, not
+/// its certificate.
+#[derive(Debug)]
+struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// SSLRequest, 'S', then a TLS handshake; returns the encrypted stream.
+async fn tls_connect(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&ssl_request()).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, s)
+        .await
+        .unwrap()
+}
+
+/// The next whole message from the proxy, or None once it has closed.
+async fn next_frame<S: AsyncRead + Unpin>(
+    s: &mut S,
+    inbuf: &mut BytesMut,
+) -> Option<shardgate::protocol::Frame> {
+    loop {
+        if let Some(frame) = shardgate::protocol::decode_frame(inbuf, 1 << 20).unwrap() {
+            return Some(frame);
+        }
+        if s.read_buf(inbuf).await.unwrap_or(0) == 0 {
+            return None;
+        }
+    }
+}
+
+/// The SQLSTATE of an ErrorResponse body.
+fn error_code(body: &[u8]) -> String {
+    let mut fields = body.split(|&b| b == 0);
+    let code = fields.find(|f| f.first() == Some(&b'C')).unwrap();
+    String::from_utf8_lossy(&code[1..]).into_owned()
+}
+
+/// Sends the app user's startup packet; returns the mechanisms AuthenticationSASL
+/// offers.
+async fn offered_mechanisms<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    inbuf: &mut BytesMut,
+) -> Vec<String> {
+    let cluster = shared_cluster();
+    let mut out = BytesMut::new();
+    let params = [
+        ("user", &*cluster.app_user),
+        ("database", &cluster.database),
+    ];
+    messages::startup(&mut out, &params);
+    s.write_all(&out).await.unwrap();
+    let frame = next_frame(s, inbuf).await.expect("AuthenticationSASL");
+    let body = frame.body();
+    assert_eq!((frame.tag, &body[..4]), (b'R', &[0, 0, 0, 10][..]));
+    body[4..]
+        .split(|&b| b == 0)
+        .filter(|m| !m.is_empty())
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect()
+}
+
+/// A SCRAM login with postgres-protocol's client choosing `mechanism` and binding as
+/// `binding`: Ok once ReadyForQuery arrives, else the SQLSTATE of the refusal.
+async fn scram_login<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    mechanism: &str,
+    binding: ChannelBinding,
+) -> Result<(), String> {
+    let mut inbuf = BytesMut::new();
+    offered_mechanisms(s, &mut inbuf).await;
+    let password = shared_cluster().app_password.clone();
+    let mut scram = ScramSha256::new(password.as_bytes(), binding);
+    let mut out = BytesMut::new();
+    messages::sasl_initial_response(&mut out, mechanism, scram.message());
+    s.write_all(&out).await.unwrap();
+    while let Some(frame) = next_frame(s, &mut inbuf).await {
+        let body = frame.body();
+        out.clear();
+        match (frame.tag, body.get(..4)) {
+            (b'R', Some([0, 0, 0, 11])) => {
+                scram.update(&body[4..]).unwrap();
+                messages::put_msg(&mut out, b'p', |b| b.extend_from_slice(scram.message()));
+                s.write_all(&out).await.unwrap();
+            }
+            (b'R', Some([0, 0, 0, 12])) => scram.finish(&body[4..]).unwrap(),
+            (b'E', _) => return Err(error_code(body)),
+            (b'Z', _) => return Ok(()),
+            _ => {}
+        }
+    }
+    Err("closed without an answer".into())
+}
+
+/// What the proxy answers a SASLInitialResponse of `mechanism` and client-first
+/// `first`: the SQLSTATE of its error, or "continue" for a server-first-message.
+async fn answer_to<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    mechanism: &str,
+    first: &str,
+) -> String {
+    let mut inbuf = BytesMut::new();
+    offered_mechanisms(s, &mut inbuf).await;
+    let mut out = BytesMut::new();
+    messages::sasl_initial_response(&mut out, mechanism, first.as_bytes());
+    s.write_all(&out).await.unwrap();
+    match next_frame(s, &mut inbuf).await {
+        Some(f) if f.tag == b'E' => error_code(f.body()),
+        Some(f) if f.tag == b'R' && f.body().get(..4) == Some(&[0, 0, 0, 11]) => "continue".into(),
+        other => panic!("unexpected answer {:?}", other.map(|f| f.tag)),
+    }
+}
+
+/// The tls-server-end-point data of a PEM certificate signed with SHA-256.
+fn sha256_end_point(cert: &std::path::Path) -> Vec<u8> {
+    use sha2::Digest;
+    let pem = std::fs::read(cert).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    sha2::Sha256::digest(der.as_ref()).to_vec()
+}
+
+/// Issue 10 item 5: over TLS the proxy offers SCRAM-SHA-256-PLUS, so libpq clients that
+/// require channel binding log in, for certificates signed with SHA-256 (RSA) and with
+/// SHA-384 (ECDSA), whose end-point hash is SHA-384. Plain SCRAM stays offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_binding_require_logs_in_over_tls() {
+    let certs = [
+        self_signed(&["-newkey", "rsa:2048"], "-sha256"),
+        self_signed(
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384"],
+            "-sha384",
+        ),
+    ];
+    for (_dir, cert, key) in certs {
+        let opts = ProxyOptions {
+            tls: Some((cert.clone(), key)),
+            ..Default::default()
+        };
+        let proxy = start_proxy(shared_cluster(), opts).await;
+        for binding in ["require", "disable"] {
+            let (ok, stdout, stderr) = run_cmd(
+                std::process::Command::new(pg_bin("psql"))
+                    .arg(format!(
+                        "{}?sslmode=require&channel_binding={binding}",
+                        proxy.url()
+                    ))
+                    .args(["-X", "-At", "-c", "SELECT 40 + 2"]),
+            );
+            assert!(
+                ok,
+                "{}, channel_binding={binding}: {stderr}",
+                cert.display()
+            );
+            assert_eq!(stdout.trim(), "42");
+        }
+    }
+}
+
+/// SCRAM-SHA-256-PLUS is offered over TLS only, beside SCRAM-SHA-256; a client that
+/// binds to another certificate than the proxy's (what a man in the middle with his own
+/// TLS session shows it) is refused with 08P01 although its proof is valid for what it
+/// signed; binding to the proxy's certificate logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plus_is_offered_over_tls_and_bound_to_the_proxys_certificate() {
+    let (_dir, cert, key) = self_signed(&["-newkey", "rsa:2048"], "-sha256");
+    let opts = ProxyOptions {
+        tls: Some((cert.clone(), key)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(shared_cluster(), opts).await;
+    let mut inbuf = BytesMut::new();
+    let mut plain = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(
+        offered_mechanisms(&mut plain, &mut inbuf).await,
+        ["SCRAM-SHA-256"]
+    );
+    let mut inbuf = BytesMut::new();
+    let mut tls = tls_connect(proxy.addr).await;
+    assert_eq!(
+        offered_mechanisms(&mut tls, &mut inbuf).await,
+        ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+    );
+
+    let ours = sha256_end_point(&cert);
+    let mut theirs = ours.clone();
+    theirs[0] ^= 1;
+    let plus = "SCRAM-SHA-256-PLUS";
+    let bound = |data: &[u8]| ChannelBinding::tls_server_end_point(data.to_vec());
+    let mut tls = tls_connect(proxy.addr).await;
+    assert_eq!(
+        scram_login(&mut tls, plus, bound(&theirs)).await,
+        Err("08P01".into())
+    );
+    let mut tls = tls_connect(proxy.addr).await;
+    assert_eq!(scram_login(&mut tls, plus, bound(&ours)).await, Ok(()));
+    let mut tls = tls_connect(proxy.addr).await;
+    let unbound = ChannelBinding::unsupported();
+    assert_eq!(
+        scram_login(&mut tls, "SCRAM-SHA-256", unbound).await,
+        Ok(())
+    );
+}
+
+/// As PostgreSQL: a client that could bind ("y") but saw no PLUS offered, where PLUS
+/// was offered, is a downgrade and refused (08P01); an authzid or a mandatory extension
+/// is an unsupported feature (0A000); a malformed message is a protocol violation
+/// (08P01), never a wrong password (28P01).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_negotiation_errors_are_refused_as_postgresql_does() {
+    let (_dir, cert, key) = self_signed(
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "-sha256",
+    );
+    let opts = ProxyOptions {
+        tls: Some((cert, key)),
+        ..Default::default()
+    };
+    let proxy = start_proxy(shared_cluster(), opts).await;
+    let plain = "SCRAM-SHA-256";
+    let cases = [
+        (plain, "y,,n=,r=abc", "08P01", "continue"),
+        (plain, "n,a=app,n=,r=abc", "0A000", "0A000"),
+        (plain, "n,,m=x,n=,r=abc", "0A000", "0A000"),
+        (plain, "n,,garbage", "08P01", "08P01"),
+        (plain, "p=tls-server-end-point,,n=,r=abc", "08P01", "08P01"),
+        ("SCRAM-SHA-256-PLUS", "n,,n=,r=abc", "08P01", "08P01"),
+        ("SCRAM-SHA-1", "n,,n=,r=abc", "08P01", "08P01"),
+        (plain, "n,,n=,r=abc", "continue", "continue"),
+    ];
+    for (mechanism, first, over_tls, without_tls) in cases {
+        let mut tls = tls_connect(proxy.addr).await;
+        assert_eq!(
+            answer_to(&mut tls, mechanism, first).await,
+            over_tls,
+            "TLS: {mechanism} {first}"
+        );
+        let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(
+            answer_to(&mut tcp, mechanism, first).await,
+            without_tls,
+            "TCP: {mechanism} {first}"
+        );
     }
 }

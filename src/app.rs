@@ -197,7 +197,13 @@ pub fn build_frontend(
         pools: Pools::default(),
         statements: Default::default(),
         cancels: Default::default(),
-        tls: load_tls(config)?,
+        tls: match &config.tls {
+            Some(tls) => Some(
+                crate::frontend::tls::load(&tls.cert, &tls.key)
+                    .map_err(|e| AppError::Tls(e.to_string()))?,
+            ),
+            None => None,
+        },
         admin: crate::admin::AdminState::new(config),
         clients: Default::default(),
         // A paused shard holds a new transaction as long as a pool would.
@@ -205,32 +211,6 @@ pub fn build_frontend(
         metrics: Default::default(),
         reshard: Default::default(),
     })
-}
-
-fn load_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, AppError> {
-    let Some(tls) = &config.tls else {
-        return Ok(None);
-    };
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| AppError::Tls(format!("{}: {e}", p.display())))
-    };
-    let cert_pem = read(&tls.cert)?;
-    let key_pem = read(&tls.key)?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AppError::Tls(format!("{}: {e}", tls.cert.display())))?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| AppError::Tls(format!("{}: {e}", tls.key.display())))?
-        .ok_or_else(|| AppError::Tls(format!("{}: no private key found", tls.key.display())))?;
-    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| AppError::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| AppError::Tls(e.to_string()))?;
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }
 
 /// Binds and starts the proxy in the current tokio runtime.

@@ -9,6 +9,7 @@ pub mod session;
 pub mod session_sql;
 pub mod startup;
 pub mod stream;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -86,7 +87,7 @@ pub struct Frontend {
     pub pools: Pools,
     pub statements: prepared::StatementRegistry,
     pub cancels: cancel::CancelRegistry,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<tls::ClientTls>,
     // ---- admin console and metrics (src/admin) ----
     /// Console credentials, control-plane hooks (reload, promote), reload record.
     pub admin: crate::admin::AdminState,

@@ -289,7 +289,7 @@ fn refuse_pipelined(buf: &BytesMut, request: &str) -> Result<(), LoginError> {
 }
 
 async fn negotiate_tls(stream: &mut ClientStream, fe: &Frontend) -> Result<(), LoginError> {
-    let Some(acceptor) = &fe.tls else {
+    let Some(acceptor) = fe.tls.as_ref().map(|tls| &tls.acceptor) else {
         stream.write_all(b"N").await?;
         return Ok(());
     };
@@ -341,9 +341,10 @@ async fn read_auth_frame(
     }
 }
 
-/// SCRAM-SHA-256 against `secret`. Unknown users (None) run the same exchange
-/// against a decoy secret of their own name (`ScramSecret::decoy_for`): same messages,
-/// a salt as stable and as distinct as a real user's, the same failure.
+/// SCRAM-SHA-256 against `secret`; over TLS SCRAM-SHA-256-PLUS is offered too, bound to
+/// the server certificate (tls-server-end-point). Unknown users (None) run the same
+/// exchange against a decoy secret of their own name (`ScramSecret::decoy_for`): same
+/// messages, a salt as stable and as distinct as a real user's, the same failure.
 async fn authenticate(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
@@ -361,27 +362,36 @@ async fn authenticate(
     // Derived for every login, so known and unknown users cost the same work.
     let decoy = fe.decoy.decoy_for(user);
     let secret = secret.unwrap_or(&decoy);
+    let end_point = match stream {
+        ClientStream::Tls(_) => fe.tls.as_ref().and_then(|t| t.server_end_point.as_deref()),
+        _ => None,
+    };
     let mut out = BytesMut::new();
-    messages::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
+    messages::auth_request(&mut out, 10, scram::mechanisms(end_point.is_some()));
     stream.write_all(&out).await?;
 
     let frame = read_auth_frame(stream, buf).await?;
     let mut body = frame.body();
-    let mechanism = crate::protocol::frame::take_cstr(&mut body).map_err(|_| failed())?;
-    let declared = crate::protocol::frame::take_i32(&mut body).map_err(|_| failed())?;
-    if mechanism != scram::MECHANISM || declared as usize != body.len() {
-        return Err(LoginError::Refused(
-            "28000",
-            "unsupported SASL mechanism or malformed message".into(),
-        ));
+    let malformed = || LoginError::Refused("08P01", "malformed SASLInitialResponse".into());
+    let mechanism = crate::protocol::frame::take_cstr(&mut body).map_err(|_| malformed())?;
+    let declared = crate::protocol::frame::take_i32(&mut body).map_err(|_| malformed())?;
+    // -1 (no initial response) included: every SCRAM client sends client-first here.
+    if usize::try_from(declared).ok() != Some(body.len()) {
+        return Err(malformed());
     }
     // A malformed or forged message is a protocol violation whoever the user is; only
     // a proof that does not match is a wrong password.
     let refused = |error: scram::ScramError| match error {
         scram::ScramError::BadProof => failed(),
-        other => LoginError::Refused("08P01", other.to_string()),
+        scram::ScramError::Unsupported(_) => LoginError::Refused("0A000", error.to_string()),
+        scram::ScramError::Malformed(_) => LoginError::Refused("08P01", error.to_string()),
     };
-    let (exchange, server_first) = scram::server_first(secret, body).map_err(refused)?;
+    let negotiation = scram::Negotiation {
+        mechanism,
+        end_point,
+    };
+    let (exchange, server_first) =
+        scram::server_first_with(secret, negotiation, body).map_err(refused)?;
     out.clear();
     messages::auth_request(&mut out, 11, server_first.as_bytes());
     stream.write_all(&out).await?;

@@ -1,7 +1,12 @@
-//! The server half of SCRAM-SHA-256 (RFC 5802 / RFC 7677) as PostgreSQL speaks it, used
-//! to authenticate clients. The keys are derived once per configured user at start-up,
-//! so a login costs two HMACs, not 4096 PBKDF2 rounds. (The client half, used towards
+//! The server half of SCRAM-SHA-256 and SCRAM-SHA-256-PLUS (RFC 5802 / RFC 7677, channel
+//! binding tls-server-end-point per RFC 5929) as PostgreSQL speaks it, used to
+//! authenticate clients. The keys are derived once per configured user at start-up, so
+//! a login costs two HMACs, not 4096 PBKDF2 rounds. (The client half, used towards
 //! servers, comes from `postgres-protocol`.)
+//!
+//! Errors follow PostgreSQL's: a malformed or inconsistent message is a protocol
+//! violation, authzid and mandatory extensions are unsupported features, and only a
+//! proof that does not match is a failed password.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -11,17 +16,23 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+/// The only channel binding type PostgreSQL, and so every driver, uses.
+const CHANNEL_BINDING_TYPE: &str = "tls-server-end-point";
 /// PostgreSQL's default iteration count for stored SCRAM secrets.
 const ITERATIONS: u32 = 4096;
 
 type HmacSha256 = Hmac<Sha256>;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum ScramError {
+    /// A protocol violation (SQLSTATE 08P01).
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported")]
-    ChannelBinding,
+    /// Something RFC 5802 allows and PostgreSQL refuses (0A000).
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// A wrong password (28P01).
     #[error("SCRAM proof does not match")]
     BadProof,
 }
@@ -91,26 +102,80 @@ impl ScramSecret {
     }
 }
 
+/// The AuthenticationSASL mechanism list (NUL-terminated names, then a NUL): PLUS
+/// first, as PostgreSQL lists it, when offered.
+pub fn mechanisms(plus_offered: bool) -> &'static [u8] {
+    if plus_offered {
+        b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+    } else {
+        b"SCRAM-SHA-256\0\0"
+    }
+}
+
+/// What the server offered on a connection and the mechanism the client chose.
+#[derive(Debug, Clone, Copy)]
+pub struct Negotiation<'a> {
+    /// The mechanism named in SASLInitialResponse.
+    pub mechanism: &'a str,
+    /// The connection's tls-server-end-point data when SCRAM-SHA-256-PLUS was offered
+    /// (TLS with a certificate whose hash is known); None: only SCRAM-SHA-256 was.
+    pub end_point: Option<&'a [u8]>,
+}
+
 /// State between the server-first and client-final messages.
 pub struct ScramExchange {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client-final `c=` must decode to: the GS2 header, then the channel
+    /// binding data when the client chose PLUS.
+    binding: Vec<u8>,
 }
 
-/// Handles client-first-message; returns the exchange state and server-first-message.
+/// The GS2 channel binding flag of a client-first-message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CbindFlag<'a> {
+    /// "n": the client does not support channel binding.
+    No,
+    /// "y": the client supports it but thinks the server does not.
+    ClientOnly,
+    /// "p=type": the client binds to the channel with this type.
+    Binds(&'a str),
+}
+
+/// A client-first-message taken apart.
+struct ClientFirst<'a> {
+    flag: CbindFlag<'a>,
+    /// "n,," or "p=tls-server-end-point,," etc.: the part `c=` repeats.
+    gs2_header: &'a str,
+    bare: &'a str,
+    nonce: &'a str,
+}
+
+/// Handles client-first-message on a connection where only SCRAM-SHA-256 was offered
+/// (no TLS); returns the exchange state and server-first-message.
 pub fn server_first(
     secret: &ScramSecret,
     client_first: &[u8],
 ) -> Result<(ScramExchange, String), ScramError> {
+    let plain = Negotiation {
+        mechanism: MECHANISM,
+        end_point: None,
+    };
+    server_first_with(secret, plain, client_first)
+}
+
+/// Handles client-first-message after `negotiation`; returns the exchange state and
+/// server-first-message.
+pub fn server_first_with(
+    secret: &ScramSecret,
+    negotiation: Negotiation<'_>,
+    client_first: &[u8],
+) -> Result<(ScramExchange, String), ScramError> {
     let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-    let (gs2_header, bare) = split_gs2(text)?;
-    let client_nonce = bare
-        .split(',')
-        .find_map(|a| a.strip_prefix("r="))
-        .filter(|n| !n.is_empty())
-        .ok_or(ScramError::Malformed("client nonce missing"))?;
+    let first = parse_client_first(text)?;
+    let end_point = channel_binding(first.flag, negotiation)?;
+    let client_nonce = first.nonce;
     let mut ours = [0u8; 18];
     rand::thread_rng().fill_bytes(&mut ours);
     let nonce = format!("{client_nonce}{}", B64.encode(ours));
@@ -120,27 +185,97 @@ pub fn server_first(
         secret.iterations
     );
     let exchange = ScramExchange {
-        client_first_bare: bare.to_owned(),
+        client_first_bare: first.bare.to_owned(),
         server_first: server_first.clone(),
         nonce,
-        gs2_header: gs2_header.to_owned(),
+        binding: [first.gs2_header.as_bytes(), end_point.unwrap_or_default()].concat(),
     };
     Ok((exchange, server_first))
 }
 
-/// Splits "n,,n=user,r=nonce" into the GS2 header ("n,,") and the bare message.
-fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
-    if text.starts_with("p=") {
-        return Err(ScramError::ChannelBinding);
+/// Takes "n,,n=user,r=nonce" apart as PostgreSQL's `read_client_first_message` does:
+/// GS2 flag, no authzid, no mandatory extension ("m="), a user name attribute (its
+/// value is ignored: the startup packet's user counts), a printable nonce, then
+/// optional extensions, which are ignored.
+fn parse_client_first(text: &str) -> Result<ClientFirst<'_>, ScramError> {
+    let bad_header = ScramError::Malformed("bad GS2 header");
+    let (flag, rest) = text.split_once(',').ok_or(bad_header)?;
+    let flag = match flag {
+        "n" => CbindFlag::No,
+        "y" => CbindFlag::ClientOnly,
+        _ => CbindFlag::Binds(flag.strip_prefix("p=").ok_or(bad_header)?),
+    };
+    let (authzid, bare) = rest.split_once(',').ok_or(bad_header)?;
+    if authzid.starts_with("a=") {
+        return Err(ScramError::Unsupported(
+            "client uses authorization identity, but it is not supported",
+        ));
     }
-    if !(text.starts_with("n,") || text.starts_with("y,")) {
-        return Err(ScramError::Malformed("bad GS2 header"));
+    if !authzid.is_empty() {
+        return Err(bad_header);
     }
-    let second_comma = text[2..]
-        .find(',')
-        .map(|i| i + 2)
-        .ok_or(ScramError::Malformed("bad GS2 header"))?;
-    Ok((&text[..=second_comma], &text[second_comma + 1..]))
+    let mut attrs = bare.split(',');
+    match attrs.next() {
+        Some(a) if a.starts_with("m=") => {
+            return Err(ScramError::Unsupported(
+                "client requires an unsupported SCRAM extension",
+            ))
+        }
+        Some(a) if a.starts_with("n=") => {}
+        _ => return Err(ScramError::Malformed("user name attribute missing")),
+    }
+    let nonce = attrs
+        .next()
+        .and_then(|a| a.strip_prefix("r="))
+        .ok_or(ScramError::Malformed("client nonce missing"))?;
+    // RFC 5802 "printable": 0x21-0x7e except ','; the split already took the commas.
+    if nonce.is_empty() || !nonce.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(ScramError::Malformed(
+            "client nonce is empty or not printable",
+        ));
+    }
+    Ok(ClientFirst {
+        flag,
+        gs2_header: &text[..text.len() - bare.len()],
+        bare,
+        nonce,
+    })
+}
+
+/// Checks the client's GS2 flag against the mechanism it chose and what was offered,
+/// as PostgreSQL does; returns the channel binding data the exchange binds to.
+fn channel_binding<'a>(
+    flag: CbindFlag<'_>,
+    negotiation: Negotiation<'a>,
+) -> Result<Option<&'a [u8]>, ScramError> {
+    let plus = match (negotiation.mechanism, negotiation.end_point) {
+        (MECHANISM, _) => false,
+        (MECHANISM_PLUS, Some(_)) => true,
+        _ => {
+            return Err(ScramError::Malformed(
+                "invalid SASL authentication mechanism",
+            ))
+        }
+    };
+    match (flag, plus) {
+        (CbindFlag::No, false) => Ok(None),
+        // Downgrade protection: a client that can bind was made to believe this server
+        // cannot, so someone between them removed SCRAM-SHA-256-PLUS from the offer.
+        (CbindFlag::ClientOnly, false) if negotiation.end_point.is_some() => Err(
+            ScramError::Malformed("channel binding negotiation error: the client supports SCRAM channel binding but thinks the server does not, and this server does"),
+        ),
+        (CbindFlag::ClientOnly, false) => Ok(None),
+        (CbindFlag::Binds(CHANNEL_BINDING_TYPE), true) => Ok(negotiation.end_point),
+        (CbindFlag::Binds(_), true) => Err(ScramError::Malformed(
+            "unsupported SCRAM channel-binding type",
+        )),
+        (CbindFlag::Binds(_), false) => Err(ScramError::Malformed(
+            "the client selected SCRAM-SHA-256 without channel binding, but the message includes channel binding data",
+        )),
+        (CbindFlag::No | CbindFlag::ClientOnly, true) => Err(ScramError::Malformed(
+            "the client selected SCRAM-SHA-256-PLUS, but the message does not include channel binding data",
+        )),
+    }
 }
 
 impl ScramExchange {
@@ -155,16 +290,14 @@ impl ScramExchange {
         let (without_proof, proof_b64) = text
             .rsplit_once(",p=")
             .ok_or(ScramError::Malformed("proof missing"))?;
-        let mut binding = None;
-        let mut nonce = None;
-        for attr in without_proof.split(',') {
-            if let Some(v) = attr.strip_prefix("c=") {
-                binding = Some(v);
-            } else if let Some(v) = attr.strip_prefix("r=") {
-                nonce = Some(v);
-            }
-        }
-        if binding != Some(B64.encode(&self.gs2_header).as_str()) {
+        // "c=...,r=...", then extensions (ignored, as PostgreSQL does), then the proof.
+        let mut attrs = without_proof.split(',');
+        let binding = attrs.next().and_then(|a| a.strip_prefix("c="));
+        let nonce = attrs.next().and_then(|a| a.strip_prefix("r="));
+        // The GS2 header again (a downgrade hidden from the first message shows here)
+        // and, with PLUS, the channel this client really talks over: a man in the middle
+        // holding its own TLS session with us sends his certificate's hash, not ours.
+        if binding.and_then(|b| B64.decode(b).ok()).as_deref() != Some(&self.binding[..]) {
             return Err(ScramError::Malformed("channel binding data does not match"));
         }
         if nonce != Some(self.nonce.as_str()) {
@@ -239,7 +372,7 @@ mod tests {
             client_first_bare: "n=user,r=rOprNGfwEbeRWgbNEkqO".into(),
             server_first: "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096".into(),
             nonce: "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0".into(),
-            gs2_header: "n,,".into(),
+            binding: b"n,,".to_vec(),
         };
         let final_msg = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
         assert_eq!(
@@ -322,15 +455,144 @@ mod tests {
         assert_ne!(ghost.salt, next_start.decoy_for("ghost").salt);
     }
 
+    /// Runs our server, offered and chosen as `negotiation`, against postgres-protocol's
+    /// client binding as `binding`.
+    fn bound_exchange(
+        negotiation: Negotiation<'_>,
+        binding: ChannelBinding,
+    ) -> Result<(), ScramError> {
+        let secret = ScramSecret::new("pw");
+        let mut client = ScramSha256::new(b"pw", binding);
+        let (state, first) = server_first_with(&secret, negotiation, client.message())?;
+        client.update(first.as_bytes()).expect("server-first");
+        let last = state.server_final(&secret, client.message())?;
+        client.finish(last.as_bytes()).expect("server signature");
+        Ok(())
+    }
+
+    const END_POINT: &[u8] = &[7; 32];
+
+    fn plus(end_point: &[u8]) -> Negotiation<'_> {
+        Negotiation {
+            mechanism: MECHANISM_PLUS,
+            end_point: Some(end_point),
+        }
+    }
+
+    fn plain(end_point: Option<&[u8]>) -> Negotiation<'_> {
+        Negotiation {
+            mechanism: MECHANISM,
+            end_point,
+        }
+    }
+
     #[test]
-    fn channel_binding_and_garbage_are_errors() {
+    fn plus_binds_to_the_servers_end_point() {
+        let ours = ChannelBinding::tls_server_end_point(END_POINT.to_vec());
+        assert_eq!(bound_exchange(plus(END_POINT), ours), Ok(()));
+        // A man in the middle with a TLS session of his own to us: the client binds to
+        // the certificate it saw, his. Its proof is valid; only the binding check can
+        // tell.
+        let theirs = ChannelBinding::tls_server_end_point(vec![8; 32]);
+        assert_eq!(
+            bound_exchange(plus(END_POINT), theirs),
+            Err(ScramError::Malformed("channel binding data does not match"))
+        );
+    }
+
+    #[test]
+    fn plain_scram_is_still_accepted_where_plus_is_offered() {
+        let none = ChannelBinding::unsupported;
+        assert_eq!(bound_exchange(plain(Some(END_POINT)), none()), Ok(()));
+        assert_eq!(bound_exchange(plain(None), none()), Ok(()));
+        // "y": the client could bind but saw no PLUS offered; fine where there was none.
+        let could = ChannelBinding::unrequested;
+        assert_eq!(bound_exchange(plain(None), could()), Ok(()));
+    }
+
+    #[test]
+    fn a_client_that_could_bind_but_saw_no_plus_is_a_downgrade() {
+        let secret = ScramSecret::new("pw");
+        let result = server_first_with(&secret, plain(Some(END_POINT)), b"y,,n=,r=abc");
+        assert!(
+            matches!(result, Err(ScramError::Malformed(m)) if m.contains("negotiation")),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn the_gs2_flag_must_agree_with_the_chosen_mechanism() {
+        let secret = ScramSecret::new("pw");
+        let cases: [(Negotiation, &[u8]); 5] = [
+            // Binding data under plain SCRAM-SHA-256.
+            (plain(Some(END_POINT)), b"p=tls-server-end-point,,n=,r=abc"),
+            // PLUS chosen, but no binding in the message.
+            (plus(END_POINT), b"n,,n=,r=abc"),
+            (plus(END_POINT), b"y,,n=,r=abc"),
+            // A channel binding type nobody offered.
+            (plus(END_POINT), b"p=tls-unique,,n=,r=abc"),
+            // PLUS chosen where it was not offered (no TLS).
+            (
+                Negotiation {
+                    mechanism: MECHANISM_PLUS,
+                    end_point: None,
+                },
+                b"p=tls-server-end-point,,n=,r=abc",
+            ),
+        ];
+        for (negotiation, first) in cases {
+            let result = server_first_with(&secret, negotiation, first);
+            assert!(
+                matches!(result, Err(ScramError::Malformed(_))),
+                "{}: {:?}",
+                String::from_utf8_lossy(first),
+                result.err()
+            );
+        }
+        let other = Negotiation {
+            mechanism: "SCRAM-SHA-1",
+            end_point: None,
+        };
+        assert!(server_first_with(&secret, other, b"n,,n=,r=abc").is_err());
+    }
+
+    #[test]
+    fn authzid_and_mandatory_extensions_are_unsupported() {
         let secret = ScramSecret::new("x");
-        assert!(matches!(
-            server_first(&secret, b"p=tls-server-end-point,,n=,r=abc"),
-            Err(ScramError::ChannelBinding)
-        ));
-        assert!(server_first(&secret, b"garbage").is_err());
-        assert!(server_first(&secret, b"n,,n=,").is_err());
-        assert!(server_first(&secret, &[0xff, 0xfe]).is_err());
+        for first in [&b"n,a=admin,n=,r=abc"[..], b"n,,m=ext,n=,r=abc"] {
+            assert!(
+                matches!(
+                    server_first(&secret, first),
+                    Err(ScramError::Unsupported(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(first)
+            );
+        }
+        // Optional extensions after the nonce are ignored, as PostgreSQL does.
+        assert!(server_first(&secret, b"n,,n=,r=abc,x=ext").is_ok());
+    }
+
+    #[test]
+    fn garbage_is_a_protocol_error() {
+        let secret = ScramSecret::new("x");
+        let garbage: [&[u8]; 8] = [
+            b"garbage",
+            b"n,,n=,",
+            b"n,,n=,r=",
+            b"n,,r=abc",
+            b"x,,n=,r=abc",
+            b"n,zz,n=,r=abc",
+            b"n,,n=,r=a\x01c",
+            &[0xff, 0xfe],
+        ];
+        for first in garbage {
+            assert!(
+                matches!(server_first(&secret, first), Err(ScramError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(first)
+            );
+        }
     }
 }
