@@ -630,3 +630,38 @@ async fn count_simple(c: &tokio_postgres::Client, sql: &str) -> i64 {
         .parse()
         .unwrap()
 }
+
+/// A driver's transaction (tokio-postgres: BEGIN, then Parse/Describe/Sync to prepare,
+/// then Bind/Execute/Sync) runs on the shard of its first statement's key, even though
+/// the statement was described before its key was known: new connections each time, keys
+/// on both shards.
+#[tokio::test]
+async fn prepared_statements_in_a_driver_transaction_run_on_their_keys_shard() {
+    let (proxy, db) = setup().await;
+    let setup_client = proxy.client().await;
+    setup_client
+        .batch_execute("CREATE TABLE users (id int8 PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    for id in 1..=40i64 {
+        let mut client = proxy.client().await;
+        let tx = client.transaction().await.unwrap();
+        let name = format!("n{id}");
+        tx.execute(
+            "INSERT INTO users (id, name) VALUES ($1, $2)",
+            &[&id, &name],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert {id}: {e:?}"));
+        tx.execute("UPDATE users SET name = name || '!' WHERE id = $1", &[&id])
+            .await
+            .unwrap_or_else(|e| panic!("update {id}: {e:?}"));
+        tx.commit().await.unwrap();
+    }
+    let mut total = 0;
+    for shard in 0..2 {
+        let c = on_shard(shard, &db).await;
+        total += count(&c, "SELECT count(*) FROM users WHERE name LIKE '%!'").await;
+    }
+    assert_eq!(total, 40);
+}

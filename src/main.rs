@@ -111,7 +111,11 @@ fn check(path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn plan(config: Option<PathBuf>, old: &std::path::Path, new: &std::path::Path) -> anyhow::Result<()> {
+fn plan(
+    config: Option<PathBuf>,
+    old: &std::path::Path,
+    new: &std::path::Path,
+) -> anyhow::Result<()> {
     use shardgate::reshard::plan;
     let old_map = ShardMap::load(old)?;
     let new_map = ShardMap::load(new)?;

@@ -369,11 +369,10 @@ fn reshard(fe: &Frontend) -> Table {
     let Some(s) = fe.reshard.status() else {
         return t;
     };
-    let progress = if s.rows_estimate > 0 {
-        format!("{}%", (s.rows_copied.min(s.rows_estimate) * 100) / s.rows_estimate)
-    } else {
-        String::new()
-    };
+    let progress = (s.rows_copied.min(s.rows_estimate) * 100)
+        .checked_div(s.rows_estimate)
+        .map(|p| format!("{p}%"))
+        .unwrap_or_default();
     let started = std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.started_at);
     t.push(vec![
         s.job.to_string().into(),

@@ -84,6 +84,10 @@ fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
     v.join(",")
 }
 
+/// One (source, target) pair at the cutover: object name, shard names, control
+/// connections, and the sequences to carry over.
+type Link = (String, String, String, Node, Node, Vec<String>);
+
 struct Job {
     ctx: JobContext,
     state: JobState,
@@ -334,11 +338,9 @@ impl Job {
                 s.rows_copied = rows;
                 s.rate = rows as f64 / secs;
                 s.lag_bytes = Some(lag);
-                s.bytes_copied = if s.rows_estimate > 0 {
-                    s.bytes_estimate * rows.min(s.rows_estimate) / s.rows_estimate
-                } else {
-                    0
-                };
+                s.bytes_copied = (s.bytes_estimate * rows.min(s.rows_estimate))
+                    .checked_div(s.rows_estimate)
+                    .unwrap_or(0);
                 s.eta_seconds = (s.rate > 0.0)
                     .then(|| (s.rows_estimate.saturating_sub(rows) as f64 / s.rate) as u64);
             });
@@ -541,11 +543,7 @@ impl Job {
 
     /// Waits until no transaction runs on a source: none that carries a ticket, and
     /// none older than the gate (those started before the job and carry none).
-    async fn drained(
-        &self,
-        links: &[(String, String, String, Node, Node, Vec<String>)],
-        deadline: Instant,
-    ) -> Result<bool, Stop> {
+    async fn drained(&self, links: &[Link], deadline: Instant) -> Result<bool, Stop> {
         loop {
             let mut busy = self.ctx.fe.reshard.gate.inflight() > 0;
             if !busy {

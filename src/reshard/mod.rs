@@ -272,10 +272,11 @@ pub async fn estimates(
     let mut out = Vec::new();
     for (source, target) in plan.pairs() {
         let filters = plan.filters(&source, &target);
-        let node = old
-            .shards
-            .get(&source)
-            .and_then(|spec| crate::app::monitor_nodes(config, old, spec).into_iter().next());
+        let node = old.shards.get(&source).and_then(|spec| {
+            crate::app::monitor_nodes(config, old, spec)
+                .into_iter()
+                .next()
+        });
         let conn = match node {
             Some(node) => server::connect(&node, config.pool.connect_timeout)
                 .await

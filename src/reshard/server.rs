@@ -162,8 +162,8 @@ pub async fn dump_schema(from: &MonitorNode, tables: &[String]) -> Result<String
         error("pg_dump not found (PATH or /usr/lib/postgresql/*/bin); install the PostgreSQL client tools to reshard to a shard without the schema".into())
     })?;
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(["--schema-only", "--no-owner", "--no-privileges"])
-        .args(["--no-publications", "--no-subscriptions"])
+    // Owners and grants come along: clients use the same roles on every shard.
+    cmd.args(["--schema-only", "--no-publications", "--no-subscriptions"])
         .args(["-h", &from.host, "-p", &from.port.to_string()])
         .args(["-U", &from.user, "-d", &from.database]);
     for table in tables {

@@ -125,8 +125,14 @@ where
         self.refresh_topology();
         if self.deferred_parse.is_some() && !matches!(frame.tag, tag::BIND | tag::PARSE) {
             // Anything but the Bind it waits for: the deferred Parse goes first, to the
-            // default shard (or the held server).
-            self.ensure_server(None).await?;
+            // default shard (or the held server). A Describe of the statement does not
+            // fix the shard of a transaction whose BEGIN is deferred.
+            self.describing = frame.tag == tag::DESCRIBE
+                && frame.body().first() == Some(&b'S')
+                && (self.server.is_none() || self.describe_only);
+            let borrowed = self.ensure_server(None).await;
+            self.describing = false;
+            borrowed?;
         }
         {
             match frame.tag {
@@ -562,8 +568,14 @@ where
             self.push_synthetic(NO_DATA);
             return Ok(true);
         }
-        self.ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
-            .await?;
+        // A statement described before its Bind (a driver preparing inside a
+        // transaction) must not fix the transaction's shard.
+        self.describing = kind == b'S' && (self.server.is_none() || self.describe_only);
+        let borrowed = self
+            .ensure_server(stmt.as_ref().map(|s| &*s.analyzed))
+            .await;
+        self.describing = false;
+        borrowed?;
         let Some(stmt) = stmt else {
             self.sout.extend_from_slice(&frame.raw);
             self.push(Op::Forward(Expect::Describe { stmt: None }));

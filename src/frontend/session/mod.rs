@@ -10,9 +10,9 @@
 
 mod batch;
 mod client_msgs;
+mod cutover;
 mod fanout;
 mod server_msgs;
-mod cutover;
 mod sharding;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -210,6 +210,12 @@ pub struct Session<R, W> {
     /// While a reshard job runs: this transaction is on a shard that gives keys away
     /// (the cutover waits for it to end).
     reshard_ticket: Option<crate::reshard::gate::Ticket>,
+    /// Sharded maps: set by the caller while it borrows only to describe a statement.
+    describing: bool,
+    /// Sharded maps: the held connection was borrowed to describe a statement while
+    /// the client's BEGIN is deferred (its shard is known only at Bind): the BEGIN was
+    /// not sent on it, and a statement that executes borrows afresh.
+    describe_only: bool,
 }
 
 pub struct SessionInit {
@@ -284,6 +290,8 @@ where
             cancel: init.cancel,
             shutdown: init.shutdown,
             reshard_ticket: None,
+            describing: false,
+            describe_only: false,
         }
     }
 
@@ -456,6 +464,17 @@ where
     }
 
     async fn borrow_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
+        if self.server.is_some() && self.describe_only && !self.describing {
+            // A statement executes: its transaction's BEGIN goes where it runs.
+            if self.only_prepared() {
+                self.sync_and_release().await?;
+            } else if let Some((sql, _)) = self.pending_begin.take() {
+                // Answers still due on this connection: the transaction stays here.
+                messages::query(&mut self.sout, &sql);
+                self.push_hidden(Expect::Query);
+                self.describe_only = false;
+            }
+        }
         if self.server.is_some() && self.held_elsewhere(analyzed) {
             self.sync_and_release().await?;
         }
@@ -516,7 +535,9 @@ where
         self.server_node = node;
         self.hold_wrote = false;
         self.replay = (node != PRIMARY).then(Vec::new);
-        if let Some((sql, _)) = self.pending_begin.take() {
+        if self.describing && self.pending_begin.is_some() {
+            self.describe_only = true;
+        } else if let Some((sql, _)) = self.pending_begin.take() {
             messages::query(&mut self.sout, &sql);
             self.push_hidden(Expect::Query);
         }
@@ -574,19 +595,27 @@ where
     /// needs another node (a write after a read's Describe on a replica) or another
     /// shard: that connection can be let go instead of refusing or misrouting.
     fn held_elsewhere(&self, analyzed: Option<&Analyzed>) -> bool {
-        let Some(conn) = self.server.as_ref() else {
+        if self.server.is_none() {
             return false;
-        };
-        let only_prepared = self.ops.is_empty()
-            && self.sout.is_empty()
-            && conn.rbuf.is_empty()
-            && !conn.ran_since_sync
-            && conn.txn_status == b'I'
-            && self.pending.is_empty()
-            && !self.pinned;
+        }
+        let only_prepared = self.only_prepared();
         let needs_primary = self.server_node != PRIMARY
             && !analyzed.is_some_and(|a| route::is_read(a.class) && a.hint.is_none());
         only_prepared && (needs_primary || self.next_shard != self.server_shard)
+    }
+
+    /// The held connection has only parsed and described since the client's last
+    /// Sync, and nothing of its answers is still due: it can be let go unnoticed.
+    fn only_prepared(&self) -> bool {
+        self.server.as_ref().is_some_and(|conn| {
+            self.ops.is_empty()
+                && self.sout.is_empty()
+                && conn.rbuf.is_empty()
+                && !conn.ran_since_sync
+                && conn.txn_status == b'I'
+                && self.pending.is_empty()
+                && !self.pinned
+        })
     }
 
     /// Ends the held connection's batch with a Sync of our own (nothing of it ran, so
@@ -640,7 +669,10 @@ where
             );
             let floor = self.topo.shards[shard].read_floor;
             if decision.node != PRIMARY
-                && fresh.nodes.get(decision.node).is_some_and(|n| n.lsn < floor)
+                && fresh
+                    .nodes
+                    .get(decision.node)
+                    .is_some_and(|n| n.lsn < floor)
             {
                 // Keys a reshard moved here: replicas serve them once past the cutover.
                 decision = route::Route {
@@ -742,6 +774,7 @@ where
             return;
         };
         self.reshard_ticket = None;
+        self.describe_only = false;
         self.cancel.set(None);
         self.replay = None;
         self.failed_nodes = 0;

@@ -163,6 +163,13 @@ where
         };
         if forward {
             self.cout.extend_from_slice(&conn.rbuf[..header.len]);
+            if header.tag == btag::READY_FOR_QUERY && self.describe_only && status == b'I' {
+                // The client's BEGIN is still deferred (this connection only
+                // described): to the client the transaction is open.
+                if let Some(last) = self.cout.last_mut() {
+                    *last = b'T';
+                }
+            }
             // The client has seen part of the answer: no silent retry from now on.
             self.replay = None;
         }

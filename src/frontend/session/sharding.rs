@@ -34,6 +34,7 @@ where
     /// The transaction status the client believes in.
     pub(super) fn client_status(&self) -> u8 {
         match (&self.server, &self.pending_begin) {
+            (Some(_), Some(_)) if self.describe_only => b'T',
             (Some(conn), _) => conn.txn_status,
             (None, Some(_)) => b'T',
             (None, None) => b'I',

@@ -1,0 +1,449 @@
+//! Online resharding against three real shards (each a primary and a streaming replica,
+//! `wal_level=logical`): a map edit and RELOAD move rows with logical replication while
+//! writers keep going through the proxy. The third shard starts without the schema.
+//! Each test works in a database of its own on all three.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::proxy::{shard_entry, start_proxy_with_map, ProxyOptions, TestProxy};
+use common::{superuser_client, unique_name, wait_for, TestCluster};
+use shardgate::app::reload::ReloadOutcome;
+
+fn shards() -> &'static [TestCluster] {
+    static CLUSTERS: OnceLock<Vec<TestCluster>> = OnceLock::new();
+    CLUSTERS.get_or_init(|| {
+        let a = std::thread::spawn(|| common::own_cluster(1));
+        let b = std::thread::spawn(|| common::own_cluster(1));
+        let c = common::own_cluster(1);
+        vec![a.join().expect("shard 0"), b.join().expect("shard 1"), c]
+    })
+}
+
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// `users` hash buckets per shard, `events` split at `split`; `s2` listed when given
+/// its buckets.
+fn map(version: u64, db: &str, buckets: &[(&str, u32, u32)], time: &[(&str, &str)]) -> String {
+    let c = shards();
+    let mut names: Vec<&str> = buckets.iter().map(|b| b.0).collect();
+    names.extend(time.iter().map(|t| t.0));
+    let listed = |s: &str| names.contains(&s);
+    let mut out = format!("version: {version}\ndatabase: {db}\nshards:\n");
+    for (i, name) in ["s0", "s1", "s2"].iter().enumerate() {
+        if listed(name) {
+            out.push_str(&format!("  {name}: {}\n", shard_entry(&c[i])));
+        }
+    }
+    out.push_str("keyspaces:\n  users:\n    type: hash\n    buckets: 1024\n    map:\n");
+    for (shard, lo, hi) in buckets {
+        out.push_str(&format!(
+            "      - {{ buckets: {lo}-{hi}, shard: {shard} }}\n"
+        ));
+    }
+    out.push_str("  months:\n    type: time\n    map:\n");
+    let mut from: Option<&str> = None;
+    for (i, (shard, until)) in time.iter().enumerate() {
+        let mut entry = Vec::new();
+        if let Some(f) = from {
+            entry.push(format!("from: {f}"));
+        }
+        if i + 1 < time.len() {
+            entry.push(format!("until: {until}"));
+        }
+        entry.push(format!("shard: {shard}"));
+        out.push_str(&format!("      - {{ {} }}\n", entry.join(", ")));
+        from = Some(until);
+    }
+    out.push_str(
+        "tables:\n  users: { column: id, keyspace: users }\n  orders: { column: user_id, keyspace: users }\n  events: { column: created_at, keyspace: months }\ndefault_shard: s0\n",
+    );
+    out
+}
+
+const TWO_SHARDS: [(&str, u32, u32); 2] = [("s0", 0, 511), ("s1", 512, 1023)];
+const TIME_TWO: [(&str, &str); 2] = [("s0", "2026-01-01T00:00:00Z"), ("s1", "")];
+
+fn options() -> ProxyOptions {
+    ProxyOptions {
+        pool_size: 8,
+        acquire_timeout: "10s",
+        // Resharding SQL needs a superuser: the clusters' `postgres` (trust on loopback).
+        extra_users: vec![("postgres".into(), "unused".into())],
+        extra: format!(
+            "control: {{ user: postgres }}\nreshard: {{ max_pause: {}ms }}\n",
+            MAX_PAUSE.as_millis()
+        ),
+        ..Default::default()
+    }
+}
+
+/// A database on all three shards; the schema through the proxy (so on s0 and s1 only).
+async fn setup() -> (TestProxy, String) {
+    let db = unique_name("rs");
+    for c in shards() {
+        let su = superuser_client(c, c.primary.1, "postgres").await;
+        su.batch_execute(&format!("CREATE DATABASE {db} OWNER {}", c.app_user))
+            .await
+            .expect("create database");
+    }
+    let mut proxy = start_proxy_with_map(
+        &shards()[0],
+        &map(1, &db, &TWO_SHARDS, &TIME_TWO),
+        options(),
+    )
+    .await;
+    proxy.database = db.clone();
+    let client = proxy.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE users (id int8 PRIMARY KEY, name text NOT NULL);
+             CREATE TABLE orders (id bigserial PRIMARY KEY, user_id int8 NOT NULL, amount int NOT NULL, note text);
+             CREATE INDEX ON orders (user_id);
+             CREATE TABLE events (id int8, created_at timestamptz NOT NULL, payload text, PRIMARY KEY (id, created_at))",
+        )
+        .await
+        .expect("schema through the proxy");
+    (proxy, db)
+}
+
+async fn on_shard(shard: usize, db: &str) -> tokio_postgres::Client {
+    let c = &shards()[shard];
+    superuser_client(c, c.primary.1, db).await
+}
+
+async fn int(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// Users 1..=n and two orders each, through the proxy (multi-row INSERTs it splits).
+async fn load_users(proxy: &TestProxy, n: i64) {
+    let client = proxy.client().await;
+    for start in (1..=n).step_by(500) {
+        let end = (start + 499).min(n);
+        let users: Vec<String> = (start..=end).map(|i| format!("({i}, 'u{i}')")).collect();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO users (id, name) VALUES {}",
+                users.join(",")
+            ))
+            .await
+            .expect("load users");
+        let orders: Vec<String> = (start..=end)
+            .flat_map(|i| [format!("({i}, 1, 'first')"), format!("({i}, 2, 'second')")])
+            .collect();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO orders (user_id, amount, note) VALUES {}",
+                orders.join(",")
+            ))
+            .await
+            .expect("load orders");
+    }
+}
+
+/// What one writer had acknowledged.
+#[derive(Default)]
+struct Acked {
+    inserted: Vec<i64>,
+    /// user id -> last acknowledged name.
+    renamed: HashMap<i64, String>,
+    errors: Vec<String>,
+    longest: Duration,
+}
+
+/// Writer `w`: inserts new users (ids `10_000_000 * (w + 1) + i`) with an order each,
+/// and renames existing users `id % 4 == w`, recording what was acknowledged.
+fn spawn_writer(
+    proxy: &TestProxy,
+    w: i64,
+    existing: i64,
+    acked: Arc<Mutex<Acked>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    let dsn = proxy.dsn();
+    tokio::spawn(async move {
+        let mut client = common::proxy::connect(&dsn).await;
+        let mut i = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let id = 10_000_000 * (w + 1) + i;
+            let started = Instant::now();
+            let insert = async {
+                let tx = client.transaction().await?;
+                let name = format!("n{id}");
+                tx.execute(
+                    "INSERT INTO users (id, name) VALUES ($1, $2)",
+                    &[&id, &name],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO orders (user_id, amount, note) VALUES ($1, 7, 'live')",
+                    &[&id],
+                )
+                .await?;
+                tx.commit().await
+            }
+            .await;
+            let target = (i * 4 + w) % existing + 1;
+            let target = target - (target % 4) + w;
+            let name = format!("w{w}-{i}");
+            let rename = if (1..=existing).contains(&target) {
+                Some(
+                    client
+                        .execute(
+                            "UPDATE users SET name = $1 WHERE id = $2",
+                            &[&name, &target],
+                        )
+                        .await,
+                )
+            } else {
+                None
+            };
+            let took = started.elapsed();
+            let mut a = acked.lock().unwrap();
+            a.longest = a.longest.max(took);
+            match insert {
+                Ok(()) => a.inserted.push(id),
+                Err(e) => a.errors.push(format!("insert {id}: {}", db_message(&e))),
+            }
+            match rename {
+                Some(Ok(1)) => {
+                    a.renamed.insert(target, name);
+                }
+                Some(Ok(n)) => a.errors.push(format!("rename {target}: {n} rows")),
+                Some(Err(e)) => a
+                    .errors
+                    .push(format!("rename {target}: {}", db_message(&e))),
+                None => {}
+            }
+        }
+    })
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+async fn write_map_and_reload(proxy: &TestProxy, text: &str) -> u64 {
+    std::fs::write(proxy.map_file(), text).expect("write map");
+    match proxy.handle.reload().await {
+        Ok(ReloadOutcome::ReshardStarted { job, .. }) => job,
+        other => panic!("expected a reshard job, got {other:?}"),
+    }
+}
+
+async fn wait_phase(proxy: &TestProxy, phases: &[&str], timeout: Duration) -> String {
+    let fe = proxy.handle.frontend.clone();
+    let mut last = String::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = fe.reshard.status() {
+            last = format!("{s:?}");
+            if phases.contains(&s.phase.as_str()) {
+                return s.phase;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {phases:?}; last status {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Replication objects the job creates, left on a shard.
+async fn leftovers(shard: usize, db: &str) -> Vec<String> {
+    let c = on_shard(shard, db).await;
+    let mut out = Vec::new();
+    for (what, sql) in [
+        (
+            "slot",
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'shardgate%'",
+        ),
+        ("publication", "SELECT pubname::text FROM pg_publication"),
+        ("subscription", "SELECT subname::text FROM pg_subscription"),
+        (
+            "fence table",
+            "SELECT relname::text FROM pg_class WHERE relname LIKE 'shardgate_reshard%'",
+        ),
+    ] {
+        for row in c.query(sql, &[]).await.expect(sql) {
+            out.push(format!("{what} {}", row.get::<_, String>(0)));
+        }
+    }
+    out
+}
+
+/// Rows of `table` on `shard` whose `users` bucket is outside [lo, hi], by the
+/// server's own hash.
+async fn misplaced(shard: usize, db: &str, table: &str, column: &str, lo: u32, hi: u32) -> i64 {
+    let c = on_shard(shard, db).await;
+    int(
+        &c,
+        &format!(
+            "SELECT count(*) FROM {table} WHERE (hashint8extended({column}, 0) & 1023) NOT BETWEEN {lo} AND {hi}"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
+    let (proxy, db) = setup().await;
+    let users = 20_000;
+    load_users(&proxy, users).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Vec<Arc<Mutex<Acked>>> = (0..4).map(|_| Arc::default()).collect();
+    let writers: Vec<_> = (0..4)
+        .map(|w| spawn_writer(&proxy, w, users, acked[w as usize].clone(), stop.clone()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !acked.iter().all(|a| a.lock().unwrap().inserted.len() > 5) {
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            panic!("writers: {:?}", acked[0].lock().unwrap().errors.first());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let new_map = map(
+        2,
+        &db,
+        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
+        &TIME_TWO,
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    let phase = wait_phase(
+        &proxy,
+        &["done", "failed", "cancelled"],
+        Duration::from_secs(180),
+    )
+    .await;
+    let status = proxy.handle.frontend.reshard.status().unwrap();
+    assert_eq!(phase, "done", "{status:?}");
+    // Writers go on a little on the new map, then stop.
+    let before = acked[0].lock().unwrap().inserted.len();
+    wait_for(
+        "writes after the cutover",
+        Duration::from_secs(10),
+        || async { acked[0].lock().unwrap().inserted.len() > before + 5 },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    eprintln!("reshard status: {status:?}");
+    let verify = status.verify.clone().unwrap_or_default();
+    assert!(verify.starts_with("ok"), "verification: {verify}");
+    assert!(status.pause_ms.is_some_and(|ms| ms < 2_000), "{status:?}");
+    // Every row on its owner, by the server's own hash.
+    for (shard, lo, hi) in [(0, 0, 511), (1, 512, 767), (2, 768, 1023)] {
+        assert_eq!(
+            misplaced(shard, &db, "users", "id", lo, hi).await,
+            0,
+            "users on s{shard}"
+        );
+        assert_eq!(
+            misplaced(shard, &db, "orders", "user_id", lo, hi).await,
+            0,
+            "orders on s{shard}"
+        );
+    }
+    // s2 got its share.
+    let s2 = on_shard(2, &db).await;
+    assert!(int(&s2, "SELECT count(*) FROM users").await > 4_000);
+    // No acknowledged insert lost, nothing duplicated.
+    let mut seen: HashMap<i64, u32> = HashMap::new();
+    let mut names: HashMap<i64, String> = HashMap::new();
+    for shard in 0..3 {
+        let c = on_shard(shard, &db).await;
+        for row in c.query("SELECT id, name FROM users", &[]).await.unwrap() {
+            *seen.entry(row.get(0)).or_default() += 1;
+            names.insert(row.get(0), row.get(1));
+        }
+    }
+    let dupes: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dupes.is_empty(), "duplicated users: {dupes:?}");
+    let mut longest = Duration::ZERO;
+    for a in &acked {
+        let a = a.lock().unwrap();
+        assert!(a.errors.is_empty(), "writer errors: {:?}", a.errors);
+        longest = longest.max(a.longest);
+        for id in &a.inserted {
+            assert_eq!(seen.get(id), Some(&1), "acknowledged user {id}");
+        }
+        for (id, name) in &a.renamed {
+            assert_eq!(names.get(id), Some(name), "acknowledged rename of {id}");
+        }
+    }
+    assert_eq!(
+        seen.len() as i64,
+        users
+            + acked
+                .iter()
+                .map(|a| a.lock().unwrap().inserted.len() as i64)
+                .sum::<i64>()
+    );
+    // Orders: two per loaded user plus one per acknowledged insert, each once.
+    let mut orders = 0;
+    for shard in 0..3 {
+        orders += int(&on_shard(shard, &db).await, "SELECT count(*) FROM orders").await;
+    }
+    assert_eq!(
+        orders,
+        2 * users
+            + acked
+                .iter()
+                .map(|a| a.lock().unwrap().inserted.len() as i64)
+                .sum::<i64>()
+    );
+    eprintln!("longest writer stall: {longest:?}");
+    assert!(
+        longest <= MAX_PAUSE + Duration::from_secs(1),
+        "longest writer stall {longest:?}"
+    );
+    // The target's sequence is past every id it received.
+    let max_id = int(&s2, "SELECT coalesce(max(id), 0) FROM orders").await;
+    let seq = int(&s2, "SELECT last_value FROM orders_id_seq").await;
+    assert!(seq >= max_id, "orders_id_seq {seq} < max id {max_id}");
+    for shard in 0..3 {
+        assert_eq!(
+            leftovers(shard, &db).await,
+            Vec::<String>::new(),
+            "s{shard}"
+        );
+    }
+    // Routing follows the new map: a user of bucket >= 768 is read from s2.
+    let client = proxy.client().await;
+    let on_s2: i64 = s2
+        .query_one("SELECT id FROM users LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .execute("UPDATE users SET name = 'after' WHERE id = $1", &[&on_s2])
+        .await
+        .unwrap();
+    let name: String = s2
+        .query_one("SELECT name FROM users WHERE id = $1", &[&on_s2])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "after");
+    assert!(!Path::new(&format!("{}.reshard.json", proxy.map_file().display())).exists());
+}
