@@ -12,10 +12,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use super::{startup, Frontend};
+use super::startup::{self, REFUSE_WRITE_TIMEOUT};
+use super::Frontend;
+use crate::protocol::messages::{self, btag};
 
 pub struct Listener {
     pub listener: TcpListener,
@@ -52,6 +56,16 @@ pub enum OverLimit {
     Unauthenticated,
 }
 
+impl OverLimit {
+    /// The text of the 53300 error.
+    pub fn message(self) -> &'static str {
+        match self {
+            OverLimit::Clients => "sorry, too many clients already",
+            OverLimit::Unauthenticated => "sorry, too many connections are logging in",
+        }
+    }
+}
+
 impl Listener {
     /// Accepts until `shutdown` turns true, then waits up to `grace` for sessions to
     /// finish their transactions (idle sessions are closed by themselves at once).
@@ -70,7 +84,7 @@ impl Listener {
                         }
                         Err(over) => {
                             let lingering = refusals.clone().try_acquire_owned().ok();
-                            tokio::spawn(startup::refuse_over_limit(socket, over, lingering));
+                            tokio::spawn(refuse_over_limit(socket, over, lingering));
                         }
                     },
                     Err(error) => {
@@ -109,4 +123,50 @@ fn admission(logins: &Arc<Semaphore>, clients: &Arc<Semaphore>) -> Result<Admiss
         login,
         clients: clients.clone(),
     })
+}
+
+/// Refuses a socket over a connection bound with 53300, at once: nothing is read first
+/// and no TLS is negotiated. The error is thus the answer to whatever the client sends
+/// first. To an SSLRequest that is what PostgreSQL answers when it cannot start a
+/// backend, and libpq handles it cleanly: it fails with "server sent an error response
+/// during SSL exchange" (since 17.2 without showing the text of an unauthenticated
+/// server, CVE-2024-10977), and does not send its startup packet. Answering 'N' instead
+/// was tried and is worse: libpq 15 with sslmode=prefer reports "server closed the
+/// connection unexpectedly" when the error follows the 'N' at once, waiting for its
+/// startup packet makes it send the user name in plaintext and costs a round trip, and
+/// sslmode=require clients are told the server "does not support SSL", which sends an
+/// operator after the wrong problem.
+///
+/// The socket is then half-closed and what the client sends is read and dropped until
+/// it closes, for at most `REFUSE_WRITE_TIMEOUT`: closing with unread input resets the
+/// connection, and a reset can discard the error before the client reads it. Only
+/// refusals holding a `lingering` slot wait so; the rest get the error only if the
+/// socket takes it without waiting.
+async fn refuse_over_limit(
+    mut socket: TcpStream,
+    over: OverLimit,
+    lingering: Option<OwnedSemaphorePermit>,
+) {
+    // Debug, not info: a flood of them would flood the log.
+    tracing::debug!(?over, "connection over the limit refused");
+    let mut out = BytesMut::new();
+    messages::error_fields(
+        &mut out,
+        btag::ERROR_RESPONSE,
+        "FATAL",
+        "53300",
+        over.message(),
+    );
+    if lingering.is_none() {
+        let _ = socket.try_write(&out);
+        return;
+    }
+    let linger = async {
+        socket.write_all(&out).await?;
+        socket.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, linger).await;
 }

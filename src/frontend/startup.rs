@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::listener::{Admission, OverLimit};
@@ -23,7 +23,7 @@ use crate::protocol::{decode_frame, decode_startup, scram, Frame, StartupPacket}
 /// Authentication messages are small; anything bigger is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 /// How long the FATAL error that ends a login may take to reach the client.
-const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(super) const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 enum LoginError {
@@ -74,7 +74,8 @@ pub async fn serve(
             }
         };
         let Some(permit) = admission.admit() else {
-            refuse(&mut stream, &over_limit(OverLimit::Clients)).await;
+            let full = LoginError::Refused("53300", OverLimit::Clients.message().into());
+            refuse(&mut stream, &full).await;
             return;
         };
         tracing::Span::current()
@@ -102,15 +103,6 @@ pub async fn serve(
     .await
 }
 
-/// The 53300 error for a connection over `over`.
-fn over_limit(over: OverLimit) -> LoginError {
-    let message = match over {
-        OverLimit::Clients => "sorry, too many clients already",
-        OverLimit::Unauthenticated => "sorry, too many connections are logging in",
-    };
-    LoginError::Refused("53300", message.into())
-}
-
 /// A FATAL ErrorResponse, or None for errors that end a login without a word.
 fn error_message(error: &LoginError) -> Option<BytesMut> {
     let (code, message) = match error {
@@ -123,47 +115,6 @@ fn error_message(error: &LoginError) -> Option<BytesMut> {
     let mut out = BytesMut::new();
     messages::error_fields(&mut out, btag::ERROR_RESPONSE, "FATAL", code, message);
     Some(out)
-}
-
-/// Refuses a socket over a connection bound with 53300, at once: nothing is read first
-/// and no TLS is negotiated. The error is thus the answer to whatever the client sends
-/// first. To an SSLRequest that is what PostgreSQL answers when it cannot start a
-/// backend, and libpq handles it cleanly: it fails with "server sent an error response
-/// during SSL exchange" (since 17.2 without showing the text of an unauthenticated
-/// server, CVE-2024-10977), and does not send its startup packet. Answering 'N' instead
-/// was tried and is worse: libpq 15 with sslmode=prefer reports "server closed the
-/// connection unexpectedly" when the error follows the 'N' at once, waiting for its
-/// startup packet makes it send the user name in plaintext and costs a round trip, and
-/// sslmode=require clients are told the server "does not support SSL", which sends an
-/// operator after the wrong problem.
-///
-/// The socket is then half-closed and what the client sends is read and dropped until
-/// it closes, for at most `REFUSE_WRITE_TIMEOUT`: closing with unread input resets the
-/// connection, and a reset can discard the error before the client reads it. Only
-/// refusals holding a `lingering` slot wait so; the rest get the error only if the
-/// socket takes it without waiting.
-pub async fn refuse_over_limit(
-    mut socket: TcpStream,
-    over: OverLimit,
-    lingering: Option<OwnedSemaphorePermit>,
-) {
-    // Debug, not info: a flood of them would flood the log.
-    tracing::debug!(?over, "connection over the limit refused");
-    let Some(out) = error_message(&over_limit(over)) else {
-        return;
-    };
-    if lingering.is_none() {
-        let _ = socket.try_write(&out);
-        return;
-    }
-    let linger = async {
-        socket.write_all(&out).await?;
-        socket.shutdown().await?;
-        let mut sink = [0u8; 512];
-        while socket.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    };
-    let _ = tokio::time::timeout(REFUSE_WRITE_TIMEOUT, linger).await;
 }
 
 async fn refuse(stream: &mut ClientStream, error: &LoginError) {
