@@ -271,10 +271,14 @@ async fn leftovers(shard: usize, db: &str) -> Vec<String> {
     for (what, sql) in [
         (
             "slot",
-            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'shardgate%'",
+            "SELECT slot_name::text FROM pg_replication_slots WHERE database = current_database()",
         ),
         ("publication", "SELECT pubname::text FROM pg_publication"),
-        ("subscription", "SELECT subname::text FROM pg_subscription"),
+        (
+            "subscription",
+            "SELECT subname::text FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid \
+             WHERE d.datname = current_database()",
+        ),
         (
             "fence table",
             "SELECT relname::text FROM pg_class WHERE relname LIKE 'shardgate_reshard%'",
@@ -446,4 +450,259 @@ async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
         .get(0);
     assert_eq!(name, "after");
     assert!(!Path::new(&format!("{}.reshard.json", proxy.map_file().display())).exists());
+}
+
+/// Events 2024-01 .. 2027-12, one per day, through the proxy.
+async fn load_events(proxy: &TestProxy) -> i64 {
+    let client = proxy.client().await;
+    let mut n = 0;
+    for year in 2024..=2027 {
+        // Days 2-28: no key within 16 hours of a month's (or a shard's) boundary.
+        let rows: Vec<String> = (1..=12)
+            .flat_map(|month| (2..=28).map(move |day| (month, day)))
+            .map(|(month, day)| {
+                n += 1;
+                format!("({n}, '{year}-{month:02}-{day:02} 12:00:00+00', 'e{n}')")
+            })
+            .collect();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO events (id, created_at, payload) VALUES {}",
+                rows.join(",")
+            ))
+            .await
+            .expect("load events");
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_oldest_time_range_moves_to_a_new_shard() {
+    let (proxy, db) = setup().await;
+    let events = load_events(&proxy).await;
+    let new_map = map(
+        2,
+        &db,
+        &TWO_SHARDS,
+        &[
+            ("s2", "2025-01-01T00:00:00Z"),
+            ("s0", "2026-01-01T00:00:00Z"),
+            ("s1", ""),
+        ],
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    let phase = wait_phase(
+        &proxy,
+        &["done", "failed", "cancelled"],
+        Duration::from_secs(120),
+    )
+    .await;
+    let status = proxy.handle.frontend.reshard.status().unwrap();
+    assert_eq!(phase, "done", "{status:?}");
+    let bounds = [
+        (2, "created_at < '2025-01-01T00:00:00Z'"),
+        (
+            0,
+            "created_at >= '2025-01-01T00:00:00Z' AND created_at < '2026-01-01T00:00:00Z'",
+        ),
+        (1, "created_at >= '2026-01-01T00:00:00Z'"),
+    ];
+    let mut total = 0;
+    for (shard, owned) in bounds {
+        let c = on_shard(shard, &db).await;
+        let all = int(&c, "SELECT count(*) FROM events").await;
+        let mine = int(&c, &format!("SELECT count(*) FROM events WHERE {owned}")).await;
+        assert_eq!(all, mine, "events on s{shard} outside its range");
+        assert!(mine >= 324, "s{shard} has {mine} events");
+        total += all;
+    }
+    assert_eq!(total, events);
+    // A read of 2024 through the proxy now comes from s2 alone.
+    let client = proxy.client().await;
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE created_at >= '2024-03-01T00:00:00Z' AND created_at < '2024-04-01T00:00:00Z'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 27);
+    for shard in 0..3 {
+        assert_eq!(
+            leftovers(shard, &db).await,
+            Vec::<String>::new(),
+            "s{shard}"
+        );
+    }
+}
+
+/// Holds a SHARE lock (writes wait, reads do not) on `table` on `shard` until dropped (the subscription's
+/// initial copy into it waits: the job stays in its copy phase).
+async fn lock_table(shard: usize, db: &str, table: &str) -> tokio_postgres::Client {
+    let c = on_shard(shard, db).await;
+    c.batch_execute(&format!("BEGIN; LOCK TABLE {table} IN SHARE MODE"))
+        .await
+        .expect("lock");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_during_the_copy_leaves_both_sides_as_they_were() {
+    let (proxy, db) = setup().await;
+    load_users(&proxy, 2_000).await;
+    let s0 = on_shard(0, &db).await;
+    let before = int(&s0, "SELECT count(*) FROM orders").await;
+    let lock = lock_table(1, &db, "orders").await;
+    // Buckets 0-255 move from s0 to s1 (which has the schema and its own rows).
+    let new_map = map(
+        2,
+        &db,
+        &[("s1", 0, 255), ("s0", 256, 511), ("s1", 512, 1023)],
+        &TIME_TWO,
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    wait_phase(&proxy, &["copy"], Duration::from_secs(60)).await;
+    // Some of the copy has happened: rows of users reached s1 (orders is locked).
+    let s1 = on_shard(1, &db).await;
+    wait_for("users copied to s1", Duration::from_secs(30), || async {
+        int(
+            &s1,
+            "SELECT count(*) FROM users WHERE (hashint8extended(id, 0) & 1023) <= 255",
+        )
+        .await
+            > 0
+    })
+    .await;
+    assert!(leftovers(0, &db)
+        .await
+        .iter()
+        .any(|l| l.starts_with("publication")));
+    proxy.handle.frontend.reshard.cancel().expect("cancel");
+    drop(lock);
+    let phase = wait_phase(
+        &proxy,
+        &["cancelled", "failed", "done"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(phase, "cancelled");
+    for shard in 0..3 {
+        assert_eq!(
+            leftovers(shard, &db).await,
+            Vec::<String>::new(),
+            "s{shard}"
+        );
+    }
+    assert_eq!(
+        misplaced(1, &db, "users", "id", 512, 1023).await,
+        0,
+        "copied users left on s1"
+    );
+    assert_eq!(
+        misplaced(1, &db, "orders", "user_id", 512, 1023).await,
+        0,
+        "copied orders left on s1"
+    );
+    assert_eq!(int(&s0, "SELECT count(*) FROM orders").await, before);
+    // The map file says the old ownership again (a newer version), and routing follows it.
+    let text = std::fs::read_to_string(proxy.map_file()).unwrap();
+    assert!(text.contains("0-511"), "{text}");
+    assert!(text.contains("version: 3"), "{text}");
+    let client = proxy.client().await;
+    let id = (1..).find(|i: &i64| bucket(*i) <= 255).unwrap() + 5_000_000;
+    let id = (id..).find(|i| bucket(*i) <= 255).unwrap();
+    client
+        .execute(
+            "INSERT INTO users (id, name) VALUES ($1, 'after cancel')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        int(&s0, &format!("SELECT count(*) FROM users WHERE id = {id}")).await,
+        1
+    );
+}
+
+fn bucket(id: i64) -> u32 {
+    (shardgate::shard_map::hash::key_hash(&shardgate::shard_map::hash::KeyValue::Int(id)) & 1023)
+        as u32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_during_the_copy_resumes_the_job() {
+    let (proxy, db) = setup().await;
+    load_users(&proxy, 2_000).await;
+    // The schema on s2 beforehand (as the app role), so that its orders table can be
+    // locked before the job starts: the copy into it waits, and the job with it.
+    let s2 = on_shard(2, &db).await;
+    s2.batch_execute(&format!(
+        "SET ROLE {}; CREATE TABLE users (id int8 PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE orders (id bigserial PRIMARY KEY, user_id int8 NOT NULL, amount int NOT NULL, note text);
+         RESET ROLE",
+        shards()[2].app_user
+    ))
+    .await
+    .expect("schema on s2");
+    let lock = lock_table(2, &db, "orders").await;
+    let new_map = map(
+        2,
+        &db,
+        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
+        &TIME_TWO,
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    wait_phase(&proxy, &["copy"], Duration::from_secs(60)).await;
+    let state = format!("{}.reshard.json", proxy.map_file().display());
+    assert!(Path::new(&state).exists());
+    let proxy = proxy.restart().await;
+    // Restarted before the cutover: routing follows the old ownership.
+    let client = proxy.client().await;
+    let id = (9_000_000..).find(|i| bucket(*i) >= 768).unwrap();
+    client
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'during')", &[&id])
+        .await
+        .unwrap();
+    let s1 = on_shard(1, &db).await;
+    assert_eq!(
+        int(&s1, &format!("SELECT count(*) FROM users WHERE id = {id}")).await,
+        1
+    );
+    drop(lock);
+    let phase = wait_phase(
+        &proxy,
+        &["done", "failed", "cancelled"],
+        Duration::from_secs(120),
+    )
+    .await;
+    let status = proxy.handle.frontend.reshard.status().unwrap();
+    assert_eq!(phase, "done", "{status:?}");
+    for (shard, lo, hi) in [(0, 0, 511), (1, 512, 767), (2, 768, 1023)] {
+        assert_eq!(
+            misplaced(shard, &db, "users", "id", lo, hi).await,
+            0,
+            "users on s{shard}"
+        );
+        assert_eq!(
+            misplaced(shard, &db, "orders", "user_id", lo, hi).await,
+            0,
+            "orders on s{shard}"
+        );
+    }
+    assert_eq!(
+        int(&s2, &format!("SELECT count(*) FROM users WHERE id = {id}")).await,
+        1
+    );
+    let mut users = 0;
+    for shard in 0..3 {
+        users += int(&on_shard(shard, &db).await, "SELECT count(*) FROM users").await;
+        assert_eq!(
+            leftovers(shard, &db).await,
+            Vec::<String>::new(),
+            "s{shard}"
+        );
+    }
+    assert_eq!(users, 2_001);
+    assert!(!Path::new(&state).exists());
 }

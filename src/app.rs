@@ -296,8 +296,10 @@ pub async fn start(config: &Config, map: &ShardMap) -> Result<ProxyHandle, AppEr
         max_unauthenticated: config.limits.max_unauthenticated,
     };
     let grace = config.limits.shutdown_grace;
+    let fe_for_task = frontend.clone();
     let task = tokio::spawn(async move {
         listener.run(rx, grace).await;
+        fe_for_task.reshard.stop_job();
         reaper.abort();
         triggers.abort();
         supervisor.abort();

@@ -589,8 +589,13 @@ fn shared_settings() -> Vec<String> {
     [
         "listen_addresses = '127.0.0.1'",
         "wal_level = logical",
-        "max_wal_senders = 10",
-        "max_replication_slots = 10",
+        // Resharding jobs (logical replication): a slot, a sender and apply and
+        // table-sync workers per job, several jobs at once in the tests.
+        "max_wal_senders = 20",
+        "max_replication_slots = 20",
+        "max_worker_processes = 24",
+        "max_logical_replication_workers = 12",
+        "max_sync_workers_per_subscription = 4",
         "hot_standby = on",
         // A throwaway cluster: durability buys nothing and costs seconds per test run.
         "fsync = off",

@@ -94,6 +94,34 @@ impl TestProxy {
     pub async fn client(&self) -> tokio_postgres::Client {
         connect(&self.dsn()).await
     }
+
+    /// Stops this proxy and starts another from the same files, as a restart of the
+    /// process would (on a new port).
+    #[allow(dead_code)]
+    pub async fn restart(self) -> TestProxy {
+        let TestProxy {
+            handle,
+            user,
+            password,
+            database,
+            _dir,
+            ..
+        } = self;
+        handle.shutdown();
+        handle.wait().await;
+        let path = _dir.0.join("shardgate.yaml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let map = ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
+        let handle = app::start(&config, &map).await.expect("proxy restarts");
+        TestProxy {
+            addr: handle.local_addr,
+            handle,
+            user,
+            password,
+            database,
+            _dir,
+        }
+    }
 }
 
 pub async fn connect(dsn: &str) -> tokio_postgres::Client {

@@ -65,7 +65,8 @@ pub fn spawn(ctx: JobContext, state: JobState) -> tokio::task::JoinHandle<()> {
         started_at: state.started_at,
         ..Status::default()
     });
-    tokio::spawn(async move {
+    let fe = ctx.fe.clone();
+    let task = tokio::spawn(async move {
         let mut job = Job {
             ctx,
             state,
@@ -74,7 +75,9 @@ pub fn spawn(ctx: JobContext, state: JobState) -> tokio::task::JoinHandle<()> {
             armed_at: BTreeMap::new(),
         };
         job.run().await;
-    })
+    });
+    fe.reshard.set_task(task.abort_handle());
+    task
 }
 
 fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
@@ -305,6 +308,8 @@ impl Job {
                 tgt.exec(&sql).await?;
             }
             for (table, filter) in &filters {
+                // Fresh statistics make the estimate (and `shardgate plan`'s) worth reading.
+                src.exec(&format!("ANALYZE {}", quote_name(table))).await?;
                 let (rows, bytes) = estimate_rows(&src, table, filter).await?;
                 estimate.0 += rows;
                 estimate.1 += bytes;

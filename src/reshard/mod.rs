@@ -122,6 +122,8 @@ pub struct Shared {
     /// std Mutex: short updates and reads, never held across an await.
     status: Mutex<Option<Status>>,
     cancel: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
+    /// The job's task, stopped when the proxy shuts down (its state file resumes it).
+    task: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -159,6 +161,19 @@ impl Shared {
 
     pub(crate) fn set_cancel(&self, tx: Option<tokio::sync::watch::Sender<bool>>) {
         *self.cancel.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    }
+
+    pub(crate) fn set_task(&self, task: tokio::task::AbortHandle) {
+        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    /// Proxy shutdown: the job stops where it is; a restart resumes it from its state.
+    pub fn stop_job(&self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+        self.gate.disarm();
+        self.set_cancel(None);
     }
 
     /// `RESHARD CANCEL`: asks the running job to undo itself (before its cutover).
