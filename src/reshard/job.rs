@@ -310,7 +310,8 @@ impl Job {
             for (table, filter) in &filters {
                 // Fresh statistics make the estimate (and `shardgate plan`'s) worth reading.
                 src.exec(&format!("ANALYZE {}", quote_name(table))).await?;
-                let (rows, bytes) = estimate_rows(&src, table, filter).await?;
+                let share = self.state.plan.hash_share(source, target, table);
+                let (rows, bytes) = estimate_rows(&src, table, filter, share).await?;
                 estimate.0 += rows;
                 estimate.1 += bytes;
             }
@@ -785,7 +786,28 @@ pub async fn estimate_rows(
     src: &Node,
     table: &str,
     filter: &str,
+    hash_share: Option<f64>,
 ) -> Result<(u64, u64), ServerError> {
+    if let Some(share) = hash_share {
+        // The planner has no statistics for a hash expression: the table's row count
+        // and average row size times the share of buckets.
+        let sql = format!(
+            "SELECT greatest(reltuples, 0)::int8, CASE WHEN reltuples > 0 \
+             THEN (pg_relation_size(oid) / reltuples)::int8 ELSE 0 END \
+             FROM pg_class WHERE oid = {}::regclass",
+            literal(table)
+        );
+        let row = src.rows(&sql).await?.into_iter().next().unwrap_or_default();
+        let num = |i: usize| -> f64 {
+            row.get(i)
+                .cloned()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let rows = (num(0) * share) as u64;
+        return Ok((rows, rows * num(1) as u64));
+    }
     let sql = format!(
         "EXPLAIN (FORMAT JSON) SELECT * FROM {} WHERE {filter}",
         quote_name(table)

@@ -300,9 +300,14 @@ pub async fn estimates(
         };
         for (table, filter) in filters {
             let estimate = match &conn {
-                Ok(conn) => job::estimate_rows(conn, &table, &filter)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(conn) => job::estimate_rows(
+                    conn,
+                    &table,
+                    &filter,
+                    plan.hash_share(&source, &target, &table),
+                )
+                .await
+                .map_err(|e| e.to_string()),
                 Err(e) => Err(e.clone()),
             };
             out.push((source.clone(), target.clone(), table, estimate));

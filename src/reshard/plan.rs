@@ -128,6 +128,28 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// For a table of a hash keyspace, the share of its keys that moves from `source`
+    /// to `target` (buckets are equally likely); None for range and time keyspaces,
+    /// whose rows are estimated by the planner from column statistics.
+    pub fn hash_share(&self, source: &str, target: &str, table: &str) -> Option<f64> {
+        let m = self
+            .moves
+            .iter()
+            .find(|m| m.tables.iter().any(|(t, _)| t == table))?;
+        let Axis::Hash { buckets, .. } = m.axis else {
+            return None;
+        };
+        let moved: i64 = m
+            .pieces
+            .iter()
+            .filter(|p| p.source == source && p.target == target)
+            .map(|p| p.until.unwrap_or(i64::from(buckets)) - p.from.unwrap_or(0))
+            .sum();
+        Some(moved as f64 / f64::from(buckets))
+    }
+}
+
 /// The diff of two maps. Errors for edits a reshard cannot carry out.
 pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, PlanError> {
     if old.database != new.database {
