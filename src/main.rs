@@ -108,6 +108,21 @@ fn check(path: Option<PathBuf>) -> anyhow::Result<()> {
             replicas.join(", ")
         );
     }
+    let runtime = tokio::runtime::Runtime::new()?;
+    let findings = runtime.block_on(shardgate::control::check::check_nodes(
+        &config,
+        &map,
+        config.pool.connect_timeout,
+    ));
+    for finding in findings {
+        match finding.warning {
+            None => println!("  shard {} primary {}: OK", finding.shard, finding.node),
+            Some(warning) => println!(
+                "  WARNING shard {} primary {}: {warning}",
+                finding.shard, finding.node
+            ),
+        }
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Control plane: tasks that watch the servers and publish immutable snapshots the
-//! data path reads. For now the monitor (health, role, lag); failover, reload and
-//! resharding join it in later issues. Nothing in routing/, backend/ or protocol/
-//! imports this module.
+//! data path reads: the monitor (health, role, lag, fencing), and `check` (what
+//! `shardgate check` asks the servers). Failover, reload and resharding live in
+//! src/app and src/reshard. Nothing in routing/, backend/ or protocol/ imports this
+//! module.
 
+pub mod check;
 pub mod monitor;

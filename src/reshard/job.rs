@@ -21,6 +21,8 @@ use crate::shard_map::ShardMap;
 const POLL: Duration = Duration::from_millis(250);
 /// A fence row must reach the target this fast for the copy to count as caught up.
 const CAUGHT_UP: Duration = Duration::from_secs(1);
+/// How often the copy logs its progress.
+const PROGRESS_LOG: Duration = Duration::from_secs(5);
 /// A failed step is retried this often before the job fails.
 const STEP_RETRIES: u32 = 20;
 const RETRY_DELAY: Duration = Duration::from_secs(2);
@@ -322,6 +324,7 @@ impl Job {
             s.rows_estimate = estimate.0;
             s.bytes_estimate = estimate.1;
         });
+        let mut logged = Instant::now();
         loop {
             self.check_cancel()?;
             let mut ready = true;
@@ -350,6 +353,17 @@ impl Job {
                 s.eta_seconds = (s.rate > 0.0)
                     .then(|| (s.rows_estimate.saturating_sub(rows) as f64 / s.rate) as u64);
             });
+            if logged.elapsed() >= PROGRESS_LOG {
+                logged = Instant::now();
+                tracing::info!(
+                    job = self.state.id,
+                    rows,
+                    estimate = estimate.0,
+                    lag_bytes = lag,
+                    synced = ready,
+                    "reshard copy progress"
+                );
+            }
             if ready {
                 let mut caught_up = true;
                 for (name, src, tgt, _) in &links {
