@@ -447,13 +447,19 @@ async fn reloads_apply_topology_and_refuse_invalid_maps_and_key_moves() {
         "{err}"
     );
     assert_eq!(version(), 1);
-    // A bucket move needs a reshard: refused, routing unchanged.
-    let moved =
-        map_with(&db, 256, &shard_entry(&shard_clusters()[1])).replace("version: 1", "version: 3");
+    // A table changing rule cannot be resharded: refused, routing unchanged (bucket
+    // moves start a reshard job: integration-tests/resharding.rs).
+    let moved = map(&db)
+        .replace(
+            "users: { column: id, keyspace: users }",
+            "users: { reference: true }",
+        )
+        .replace("version: 1", "version: 3");
+    assert_ne!(moved, map(&db).replace("version: 1", "version: 3"));
     rewrite_map(&proxy, &moved);
     let err = proxy.handle.reload().await.unwrap_err().to_string();
     assert!(
-        err.contains("keyspaces changed") && err.contains("reshard"),
+        err.contains("cannot be resharded") && err.contains("rule changed"),
         "{err}"
     );
     assert_eq!(version(), 1);
