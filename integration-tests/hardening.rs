@@ -331,3 +331,176 @@ async fn a_wrong_scram_nonce_or_binding_is_a_protocol_error() {
         }
     }
 }
+
+/// One connection's worth of abuse, picked by `kind`: random bytes before or after a
+/// login, truncated frames, lengths up to 2^31, an abandoned transaction, a query whose
+/// answer is never read, or a socket left half-open until the end of the soak.
+async fn abuse(
+    addr: std::net::SocketAddr,
+    proxy: &common::proxy::TestProxy,
+    kind: u32,
+    held: &tokio::sync::Mutex<Vec<TcpStream>>,
+) {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return;
+    };
+    let noise: Vec<u8> = (0..(rand::random::<usize>() % 4096 + 1))
+        .map(|_| rand::random())
+        .collect();
+    let mut frame = BytesMut::new();
+    let tag = rand::random::<u8>();
+    frame.put_u8(tag);
+    let len = match rand::random::<u32>() % 4 {
+        0 => 4,
+        1 => rand::random::<u32>() % 100_000,
+        2 => 0x7fff_ffff,
+        _ => u32::MAX,
+    };
+    frame.put_u32(len);
+    frame.extend_from_slice(&noise[..noise.len().min(64)]);
+    let _ = match kind {
+        0 => s.write_all(&noise).await,
+        1 => {
+            // A startup packet claiming 2^31 bytes.
+            let mut p = BytesMut::new();
+            p.put_u32(0x7fff_ffff);
+            p.put_u32(196_608);
+            s.write_all(&p).await
+        }
+        2 => {
+            // Half a startup packet, then silence: held open until the end.
+            let _ = s.write_all(&request(196_608)[..6]).await;
+            held.lock().await.push(s);
+            return;
+        }
+        3 | 4 => {
+            common::raw::login(&mut s, proxy).await;
+            if kind == 3 {
+                s.write_all(&frame).await
+            } else {
+                s.write_all(&noise).await
+            }
+        }
+        5 => {
+            // A transaction holding a server connection, then the client vanishes.
+            common::raw::login(&mut s, proxy).await;
+            let mut out = BytesMut::new();
+            messages::query(
+                &mut out,
+                "BEGIN; SELECT pg_advisory_xact_lock(42); SELECT 1",
+            );
+            s.write_all(&out).await
+        }
+        _ => {
+            // A query whose (large) answer is never read.
+            common::raw::login(&mut s, proxy).await;
+            let mut out = BytesMut::new();
+            messages::query(
+                &mut out,
+                "SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
+            );
+            s.write_all(&out).await
+        }
+    };
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_millis(20), s.read(&mut sink)).await;
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Random bytes, truncated frames, huge lengths, abandoned transactions and half-open
+/// sockets thrown at a running proxy for a few seconds, while a normal client keeps
+/// querying: the normal client never fails, and afterwards no server connection is
+/// still lent out, a new client is served, and memory is back near where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soak_of_garbage_leaves_the_proxy_serving_and_clean() {
+    let cluster = shared_cluster();
+    let proxy = std::sync::Arc::new(
+        start_proxy(
+            cluster,
+            ProxyOptions {
+                pool_size: 4,
+                max_client_connections: 200,
+                ..Default::default()
+            },
+        )
+        .await,
+    );
+    let addr = proxy.addr;
+    let normal = proxy.client().await;
+    normal.simple_query("SELECT 1").await.unwrap();
+    let rss_before = rss_kb();
+    let held = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (proxy, held) = (proxy.clone(), held.clone());
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while tokio::time::Instant::now() < until {
+                    // A panicking login (the proxy refused it) must not end the soak.
+                    let (proxy2, held2) = (proxy.clone(), held.clone());
+                    let kind = (rand::random::<u32>() + w) % 7;
+                    let _ =
+                        tokio::spawn(async move { abuse(addr, &proxy2, kind, &held2).await }).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut normal_queries = 0;
+    while tokio::time::Instant::now() < until {
+        let rows = normal
+            .simple_query("SELECT count(*) FROM generate_series(1, 100)")
+            .await
+            .expect("the normal client is served during the soak");
+        assert!(!rows.is_empty());
+        normal_queries += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut attacks = 0;
+    for w in workers {
+        attacks += w.await.unwrap();
+    }
+    held.lock().await.clear();
+    eprintln!("{attacks} abusive connections, {normal_queries} normal queries");
+    assert!(attacks > 50, "only {attacks} abusive connections");
+    assert!(normal_queries > 10);
+    // Every server connection comes back (abandoned ones rolled back or closed).
+    let pools = proxy.handle.frontend.pools.all();
+    common::wait_for(
+        "no server connection lent out",
+        Duration::from_secs(20),
+        || {
+            let pools = pools.clone();
+            async move { pools.iter().all(|p| p.in_use() == 0) }
+        },
+    )
+    .await;
+    let fresh = proxy.client().await;
+    let row = fresh.query_one("SELECT 41 + 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    // The advisory lock of an abandoned transaction is gone (rolled back on the server).
+    let free: bool = fresh
+        .query_one("SELECT pg_try_advisory_lock(42)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free, "an abandoned transaction still holds its lock");
+    fresh
+        .execute("SELECT pg_advisory_unlock(42)", &[])
+        .await
+        .unwrap();
+    let growth = rss_kb().saturating_sub(rss_before);
+    assert!(growth < 64 << 10, "RSS grew by {growth} kB over the soak");
+}
