@@ -411,14 +411,6 @@ async fn inserts_without_a_column_list_are_placed_by_the_tables_own_columns() {
     assert_eq!(row.get::<_, i32>(0), 1);
 }
 
-/// The test map with its hash keyspace split at `split` and `s1`'s replicas given.
-fn map_with(database: &str, split: u32, s1: &str) -> String {
-    map(database)
-        .replace("buckets: 0-511", &format!("buckets: 0-{}", split - 1))
-        .replace("buckets: 512-1023", &format!("buckets: {split}-1023"))
-        .replace(&shard_entry(&shard_clusters()[1]), s1)
-}
-
 fn rewrite_map(proxy: &TestProxy, text: &str) {
     // Write then rename, as editors do: the watcher sees one whole file.
     let path = proxy.map_file();
