@@ -200,6 +200,23 @@ fn describe() {
         "shardgate_shard_paused",
         "1 while the shard is paused from the console"
     );
+    describe_gauge!("shardgate_reshard_running", "1 while a reshard job runs");
+    describe_gauge!(
+        "shardgate_reshard_rows_copied",
+        "Rows the running (or last) reshard job has copied"
+    );
+    describe_gauge!(
+        "shardgate_reshard_rows_estimate",
+        "Rows the running (or last) reshard job moves, estimated"
+    );
+    describe_gauge!(
+        "shardgate_reshard_lag_bytes",
+        "How far the reshard targets are behind their sources"
+    );
+    describe_gauge!(
+        "shardgate_reshard_cutover_pause_seconds",
+        "How long the last cutover held new transactions"
+    );
 }
 
 /// Sets the scrape-time figures (called under the proxy's recorder).
@@ -221,6 +238,14 @@ fn collect(fe: &Frontend) {
             gauge!("shardgate_clients", "user" => user.clone(), "database" => database.clone(), "state" => state)
                 .set(n as f64);
         }
+    }
+    if let Some(job) = fe.reshard.status() {
+        gauge!("shardgate_reshard_running").set(f64::from(u8::from(fe.reshard.running())));
+        gauge!("shardgate_reshard_rows_copied").set(job.rows_copied as f64);
+        gauge!("shardgate_reshard_rows_estimate").set(job.rows_estimate as f64);
+        gauge!("shardgate_reshard_lag_bytes").set(job.lag_bytes.unwrap_or(0) as f64);
+        gauge!("shardgate_reshard_cutover_pause_seconds")
+            .set(job.pause_ms.unwrap_or(0) as f64 / 1000.0);
     }
     let topology = fe.topology.load();
     gauge!("shardgate_map_version").set(topology.map.version as f64);
