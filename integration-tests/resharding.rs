@@ -706,3 +706,78 @@ async fn a_restart_during_the_copy_resumes_the_job() {
     assert_eq!(users, 2_001);
     assert!(!Path::new(&state).exists());
 }
+
+/// A session whose server connection is pinned (a WITH HOLD cursor) on a source shard
+/// does not hold up the cutover while idle, and afterwards a write of a moved key from
+/// it is refused instead of landing on the shard that no longer owns the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pinned_session_follows_the_cutover() {
+    let (proxy, db) = setup().await;
+    load_users(&proxy, 2_000).await;
+    let moved = (1..=2_000).find(|i| bucket(*i) >= 768).unwrap();
+    let stays = (1..=2_000)
+        .find(|i| (512..768).contains(&bucket(*i)))
+        .unwrap();
+    let pinned = proxy.client().await;
+    for sql in [
+        "BEGIN".to_owned(),
+        format!("SELECT * FROM users WHERE id = {stays}"),
+        "DECLARE held CURSOR WITH HOLD FOR SELECT 1".to_owned(),
+        "COMMIT".to_owned(),
+    ] {
+        pinned
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let new_map = map(
+        2,
+        &db,
+        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
+        &TIME_TWO,
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    let phase = wait_phase(
+        &proxy,
+        &["done", "failed", "cancelled"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        phase,
+        "done",
+        "{:?}",
+        proxy.handle.frontend.reshard.status()
+    );
+    let result = pinned
+        .execute("UPDATE users SET name = 'stale' WHERE id = $1", &[&moved])
+        .await;
+    let s1 = on_shard(1, &db).await;
+    let s2 = on_shard(2, &db).await;
+    assert_eq!(
+        int(
+            &s1,
+            &format!("SELECT count(*) FROM users WHERE id = {moved}")
+        )
+        .await,
+        0,
+        "the moved row is gone from s1"
+    );
+    let name: String = s2
+        .query_one("SELECT name FROM users WHERE id = $1", &[&moved])
+        .await
+        .unwrap()
+        .get(0);
+    match result {
+        Ok(n) => {
+            assert_eq!(n, 1);
+            assert_eq!(name, "stale", "an acknowledged update must be on the owner");
+        }
+        Err(e) => assert_eq!(db_message(&e).split(' ').next(), Some("0A000"), "{e:?}"),
+    }
+    // The session still works for its own shard.
+    pinned
+        .execute("UPDATE users SET name = 'fine' WHERE id = $1", &[&stays])
+        .await
+        .unwrap();
+}

@@ -25,8 +25,11 @@ where
     /// holds new transactions, takes the newest topology, and takes a ticket. A no-op
     /// (one relaxed load) while no job runs.
     pub(super) async fn enter_cutover_gate(&mut self) -> Result<(), SessionError> {
+        if self.server.is_some() && !self.describe_only {
+            return self.enter_holding_a_server().await;
+        }
         let gate = &self.fe.reshard.gate;
-        if !gate.is_armed() || self.server.is_some() || self.reshard_ticket.is_some() {
+        if !gate.is_armed() || self.reshard_ticket.is_some() {
             return Ok(());
         }
         loop {
@@ -51,6 +54,68 @@ where
                 }
             }
         }
+    }
+
+    /// A statement from a session that keeps its server connection between
+    /// transactions (LISTEN or a WITH HOLD cursor pins it, session pooling, or a
+    /// pipeline): between transactions it follows a newer map (so a key that moved is
+    /// refused there rather than written to its old shard), and while a job runs a
+    /// transaction on a source shard is counted like any other.
+    async fn enter_holding_a_server(&mut self) -> Result<(), SessionError> {
+        let between = self.server.as_ref().is_some_and(|c| c.txn_status == b'I')
+            && self.ops.is_empty()
+            && self.sout.is_empty()
+            && self.pending_begin.is_none()
+            && self.batch.is_none();
+        if !between {
+            // Inside a transaction: the ticket it started with (if any) covers it.
+            return Ok(());
+        }
+        self.follow_topology_holding_a_server();
+        loop {
+            let gate = &self.fe.reshard.gate;
+            if !gate.is_armed() || self.reshard_ticket.is_some() {
+                return Ok(());
+            }
+            let shard = &self.topo.shards[self.server_shard].name;
+            if !gate.is_source(shard) {
+                return Ok(());
+            }
+            match gate.enter_any() {
+                Ok(ticket) => {
+                    self.reshard_ticket = ticket;
+                    return Ok(());
+                }
+                Err(_closed) => {
+                    if !self.fe.reshard.gate.wait_open(GATE_WAIT).await {
+                        return Err(BackendError::Server {
+                            code: "57P03".into(),
+                            message: "a reshard cutover has held new transactions for too long; retry".into(),
+                        }
+                        .into());
+                    }
+                    self.follow_topology_holding_a_server();
+                }
+            }
+        }
+    }
+
+    /// A newer topology for a session that holds a server between transactions: the
+    /// held connection's shard is found by name in it (indexes may shift). A shard
+    /// that is gone keeps the old topology; its statements run where they did.
+    fn follow_topology_holding_a_server(&mut self) {
+        let current = self.fe.topology.load();
+        if current.generation == self.topo.generation {
+            return;
+        }
+        let name = &self.topo.shards[self.server_shard].name;
+        let Some(index) = current.shards.iter().position(|s| &s.name == name) else {
+            return;
+        };
+        self.topo = arc_swap::Guard::into_inner(current);
+        self.pools = self.fe.pools_for(&self.user, &self.topo);
+        self.server_shard = index;
+        self.next_shard = index;
     }
 
     /// After routing: the ticket stays only when the statement runs on a source shard.

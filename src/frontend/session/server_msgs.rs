@@ -427,6 +427,12 @@ where
         if status != b'I' {
             return;
         }
+        if self.ops.is_empty() && self.sout.is_empty() {
+            // The transaction is over, nothing else runs on the connection: a reshard
+            // cutover need not wait for this session (a kept connection takes a new
+            // ticket with its next statement).
+            self.reshard_ticket = None;
+        }
         if std::mem::take(&mut self.ddl_pending) {
             // Committed (or rolled back) now: statements prepared from here on see it.
             self.fe.statements.new_epoch();
