@@ -136,32 +136,26 @@ fn spawn_binary(
 }
 
 async fn wait_until_up(dsn: &str) -> tokio_postgres::Client {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((client, conn)) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await {
-            tokio::spawn(conn);
-            return client;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the binary never accepted connections"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        "the binary to accept connections",
+        Duration::from_secs(20),
+        || async {
+            tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    common::proxy::connect(dsn).await
 }
 
 async fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shardgate did not exit within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for("shardgate to exit", within, || {
+        let exited = child.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    child.wait().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,4 +196,173 @@ async fn sigterm_drains_and_sigint_exits_at_once() {
                 == 0
     })
     .await;
+}
+
+/// A proxy for `cluster` with `limits` added to its `limits:` section (the shared
+/// options have no field for the idle limits), and its directory.
+async fn start_with_limits(
+    cluster: &common::TestCluster,
+    limits: &str,
+) -> (shardgate::app::ProxyHandle, String, common::proxy::TempDir) {
+    let opts = ProxyOptions {
+        pool_size: 1,
+        ..Default::default()
+    };
+    let (dir, path) = common::proxy::write_config(cluster, &opts, "127.0.0.1:0");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replacen("limits: { ", &format!("limits: {{ {limits}, "), 1);
+    std::fs::write(&path, text).unwrap();
+    let config = shardgate::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let map =
+        shardgate::shard_map::ShardMap::load(&config.shard_map).unwrap_or_else(|e| panic!("{e}"));
+    let handle = shardgate::app::start(&config, &map)
+        .await
+        .expect("proxy starts");
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={} password={} dbname={}",
+        handle.local_addr.port(),
+        cluster.app_user,
+        cluster.app_password,
+        cluster.database
+    );
+    (handle, dsn, dir)
+}
+
+/// A client whose connection's end is reported: the SQLSTATE of the error it ended
+/// with (a FATAL the server sent while the client was idle), "" for a clean end.
+async fn watched_client(
+    dsn: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::oneshot::Receiver<String>,
+) {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {e}"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let code = match conn.await {
+            Ok(()) => String::new(),
+            Err(error) => error
+                .code()
+                .map_or_else(|| error.to_string(), |c| c.code().to_owned()),
+        };
+        let _ = tx.send(code);
+    });
+    (client, rx)
+}
+
+/// The primary's pool of the app user: (in use, idle).
+fn primary_pool(handle: &shardgate::app::ProxyHandle, user: &str) -> (usize, usize) {
+    let fe = &handle.frontend;
+    let pools = fe.pools_for(user, &fe.topology.load());
+    (pools[0][0].in_use(), pools[0][0].idle_count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_idle_in_a_transaction_is_rolled_back_released_and_closed_with_25p03() {
+    let cluster = shared_cluster();
+    let (handle, dsn, _dir) = start_with_limits(cluster, "idle_in_transaction_timeout: 1s").await;
+    let table = unique_name("idle_txn");
+    let setup = common::proxy::connect(&dsn).await;
+    setup
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, v int); INSERT INTO {table} VALUES (1, 0)"
+        ))
+        .await
+        .unwrap();
+    drop(setup);
+    let (idler, ended) = watched_client(&dsn).await;
+    idler
+        .batch_execute(&format!("BEGIN; UPDATE {table} SET v = 1 WHERE id = 1"))
+        .await
+        .unwrap();
+    let pid: i32 = idler
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The row lock is held meanwhile.
+    let direct = superuser_client(cluster, cluster.primary.1, &cluster.database).await;
+    let blocked = direct
+        .batch_execute(&format!(
+            "SET lock_timeout = '100ms'; UPDATE {table} SET v = 2 WHERE id = 1"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code().map(|c| c.code()), Some("55P03"), "{blocked}");
+    let ended = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the idle client is closed")
+        .unwrap();
+    assert_eq!(ended, "25P03");
+    // Rolled back and released before the client was told: the lock is gone, the one
+    // server connection is idle in the pool, and the next client gets it.
+    assert_eq!(primary_pool(&handle, &cluster.app_user), (0, 1));
+    let state: String = direct
+        .query_one("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "idle");
+    let other = common::proxy::connect(&dsn).await;
+    other
+        .batch_execute(&format!(
+            "SET lock_timeout = '1s'; UPDATE {table} SET v = 2 WHERE id = 1"
+        ))
+        .await
+        .unwrap();
+    let v: i32 = other
+        .query_one(&format!("SELECT v FROM {table} WHERE id = 1"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 2, "the idle transaction's update was rolled back");
+    assert!(idler.simple_query("SELECT 1").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_idle_outside_a_transaction_is_closed_with_57p05_and_its_pinned_connection_comes_back_clean(
+) {
+    let cluster = shared_cluster();
+    let (handle, dsn, _dir) = start_with_limits(
+        cluster,
+        "client_idle_timeout: 1s, idle_in_transaction_timeout: 0s",
+    )
+    .await;
+    // LISTEN keeps the client's server connection between transactions.
+    let (listener, ended) = watched_client(&dsn).await;
+    listener.batch_execute("LISTEN idle_jobs").await.unwrap();
+    assert_eq!(primary_pool(&handle, &cluster.app_user), (1, 0));
+    let ended = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("the idle client is closed")
+        .unwrap();
+    assert_eq!(ended, "57P05");
+    assert_eq!(primary_pool(&handle, &cluster.app_user), (0, 1));
+    // The next client has that same connection (a pool of one), no longer listening.
+    // It opens a transaction and idles in it: the idle-session limit is not the
+    // in-transaction one (off here), so it is still served afterwards.
+    let (next, next_ended) = watched_client(&dsn).await;
+    let channels: i64 = next
+        .query_one(
+            "/* shardgate: primary */ SELECT count(*) FROM pg_listening_channels()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(channels, 0);
+    next.batch_execute("BEGIN").await.unwrap();
+    let (idler, idler_ended) = watched_client(&dsn).await;
+    idler.simple_query("SELECT 1").await.unwrap();
+    let code = tokio::time::timeout(Duration::from_secs(10), idler_ended)
+        .await
+        .expect("the second idle client is closed")
+        .unwrap();
+    assert_eq!(code, "57P05");
+    next.batch_execute("SELECT 1; COMMIT").await.unwrap();
+    drop(next);
+    drop(next_ended);
+    assert!(listener.simple_query("SELECT 1").await.is_err());
 }

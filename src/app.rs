@@ -172,6 +172,9 @@ pub fn build_frontend(
         database: map.database.clone(),
         read_your_writes: config.routing.read_your_writes,
         failover_buffer: config.failover.auto.then_some(config.failover.buffer),
+        idle_in_transaction_timeout: Some(config.limits.idle_in_transaction_timeout)
+            .filter(|t| !t.is_zero()),
+        client_idle_timeout: Some(config.limits.client_idle_timeout).filter(|t| !t.is_zero()),
     };
     Ok(Frontend {
         settings,

@@ -43,6 +43,12 @@ pub struct FrontendSettings {
     /// With automatic failover: how long a write waits for its shard's new primary
     /// (`failover.buffer`) before 57P03. None: writes fail at once.
     pub failover_buffer: Option<Duration>,
+    /// `limits.idle_in_transaction_timeout`: a client idle this long inside a
+    /// transaction is rolled back and closed with 25P03. None: off.
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// `limits.client_idle_timeout`: a client idle this long outside a transaction is
+    /// closed with 57P05. None: off (the default).
+    pub client_idle_timeout: Option<Duration>,
 }
 
 /// A user clients may log in as. The password is kept to authenticate to servers

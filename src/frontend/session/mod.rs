@@ -17,6 +17,7 @@ mod sharding;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -121,6 +122,18 @@ enum Event {
     ServerRead(usize),
     Wrote,
     Shutdown,
+    /// The client stayed idle past its limit (`Session::idle`).
+    IdleTimeout,
+}
+
+/// Which limit an idle client counts towards (docs/decisions.md, "Idle clients").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdleLimit {
+    /// `limits.idle_in_transaction_timeout`: 25P03, as PostgreSQL's
+    /// `idle_in_transaction_session_timeout`.
+    InTransaction,
+    /// `limits.client_idle_timeout`: 57P05, as PostgreSQL's `idle_session_timeout`.
+    Session,
 }
 
 pub struct Session<R, W> {
@@ -216,6 +229,12 @@ pub struct Session<R, W> {
     /// the client's BEGIN is deferred (its shard is known only at Bind): the BEGIN was
     /// not sent on it, and a statement that executes borrows afresh.
     describe_only: bool,
+    /// The idle timer; None when both idle limits are off. Allocated once per session
+    /// and only reset when an idle period starts, never per message.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set while the timer runs for the current idle period: the client owes the next
+    /// message and nothing is owed to or by the server.
+    idle: Option<IdleLimit>,
 }
 
 pub struct SessionInit {
@@ -240,6 +259,10 @@ where
             PoolMode::Session => TargetMode::Primary,
         };
         let default_shard = init.topology.default_shard;
+        let settings = &init.fe.settings;
+        let idle_timer = (settings.idle_in_transaction_timeout.is_some()
+            || settings.client_idle_timeout.is_some())
+        .then(|| Box::pin(tokio::time::sleep(std::time::Duration::MAX)));
         Session {
             fe: init.fe,
             user: init.user,
@@ -292,6 +315,8 @@ where
             reshard_ticket: None,
             describing: false,
             describe_only: false,
+            idle_timer,
+            idle: None,
         }
     }
 
@@ -364,11 +389,18 @@ where
         if self.server.is_none() && *self.shutdown.borrow() {
             return Err(self.shutting_down());
         }
+        self.arm_idle_timer();
         match self.wait_io().await? {
             Event::ClientRead(0) => Ok(Flow::Stop),
             Event::ServerRead(0) => Err(BackendError::Closed.into()),
             Event::Shutdown => Err(self.shutting_down()),
-            Event::ClientRead(_) | Event::ServerRead(_) | Event::Wrote => Ok(Flow::Continue),
+            Event::IdleTimeout => Err(self.idle_timeout().await),
+            Event::ClientRead(_) => {
+                // The idle period is over; the next one starts with a fresh deadline.
+                self.idle = None;
+                Ok(Flow::Continue)
+            }
+            Event::ServerRead(_) | Event::Wrote => Ok(Flow::Continue),
         }
     }
 
@@ -411,6 +443,58 @@ where
         SessionError::ClientIo(io::Error::other("shutdown"))
     }
 
+    /// Starts the idle timer when the session begins to wait for the client with
+    /// nothing owed to or by the server; stops it when something is owed again. Costs a
+    /// clock read and a timer reset per idle period, nothing per message otherwise.
+    fn arm_idle_timer(&mut self) {
+        if self.idle_timer.is_none() {
+            return;
+        }
+        let waiting = self.ops.is_empty() && self.sout.is_empty() && self.gate.is_none();
+        if !waiting {
+            self.idle = None;
+            return;
+        }
+        if self.idle.is_some() {
+            return;
+        }
+        // In a transaction as the client sees it (a deferred BEGIN counts: the client
+        // cannot tell it holds nothing yet), or in the middle of an extended-protocol
+        // batch (an implicit transaction: the server keeps its locks until Sync).
+        let in_transaction = self.client_status() != b'I'
+            || self.batch.is_some()
+            || self.server.as_ref().is_some_and(|c| c.unsynced);
+        let settings = &self.fe.settings;
+        let (kind, limit) = if in_transaction {
+            (IdleLimit::InTransaction, settings.idle_in_transaction_timeout)
+        } else {
+            (IdleLimit::Session, settings.client_idle_timeout)
+        };
+        if let (Some(limit), Some(timer)) = (limit, self.idle_timer.as_mut()) {
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            self.idle = Some(kind);
+        }
+    }
+
+    /// The client stayed idle past its limit: its transaction is rolled back and its
+    /// server connection goes back to the pool (closed if it was mid-batch) before the
+    /// client is told, then the client is closed, as PostgreSQL does.
+    async fn idle_timeout(&mut self) -> SessionError {
+        let kind = self.idle.take();
+        self.release_server().await;
+        self.pending_begin = None;
+        let (code, message) = match kind {
+            Some(IdleLimit::InTransaction) => (
+                "25P03",
+                "terminating connection due to idle-in-transaction timeout",
+            ),
+            _ => ("57P05", "terminating connection due to idle-session timeout"),
+        };
+        tracing::info!(code, "client idle past its limit; closing it");
+        self.fatal(code, message);
+        SessionError::ClientIo(io::Error::other("idle timeout"))
+    }
+
     async fn wait_io(&mut self) -> Result<Event, SessionError> {
         let Session {
             rd,
@@ -421,6 +505,8 @@ where
             server,
             shutdown,
             gate,
+            idle_timer,
+            idle: idle_limit,
             ..
         } = self;
         let idle = server.is_none();
@@ -444,6 +530,7 @@ where
             }
             r = rd.read_buf(cbuf), if sout.len() < OUT_LIMIT && !gated => Ok(Event::ClientRead(r?)),
             _ = shutdown.changed(), if idle => Ok(Event::Shutdown),
+            _ = idle_sleep(idle_timer.as_mut()), if idle_limit.is_some() => Ok(Event::IdleTimeout),
         }
     }
 
@@ -867,6 +954,13 @@ async fn read_server(
     match (rd, buf) {
         (Some(rd), Some(buf)) => rd.read_buf(buf).await,
         _ => std::future::pending().await,
+    }
+}
+
+async fn idle_sleep(timer: Option<&mut Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(timer) => timer.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
