@@ -781,3 +781,72 @@ async fn a_pinned_session_follows_the_cutover() {
         .await
         .unwrap();
 }
+
+/// A transaction open on the source shard when the cutover comes holds it up: the
+/// attempt gives up after `reshard.max_pause` (traffic resumes on the old map) and is
+/// retried; once the transaction commits, the cutover happens and its write is on the
+/// new owner. Replicas of the new owner serve moved keys only past the cutover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_transaction_delays_the_cutover_and_its_write_survives() {
+    let (proxy, db) = setup().await;
+    load_users(&proxy, 2_000).await;
+    let moved = (1..=2_000).find(|i| bucket(*i) >= 768).unwrap();
+    let new_map = map(
+        2,
+        &db,
+        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
+        &TIME_TWO,
+    );
+    write_map_and_reload(&proxy, &new_map).await;
+    // Open on the source before the cutover: a read (no transaction id, so it does
+    // not hold up the replication slots' creation), its write comes later.
+    let long = proxy.client().await;
+    long.batch_execute("BEGIN").await.unwrap();
+    long.query_one("SELECT name FROM users WHERE id = $1", &[&moved])
+        .await
+        .unwrap();
+    let fe = proxy.handle.frontend.clone();
+    wait_for(
+        "a cutover attempt to give up",
+        Duration::from_secs(60),
+        || {
+            let fe = fe.clone();
+            async move { fe.reshard.status().is_some_and(|s| s.cutover_attempts >= 2) }
+        },
+    )
+    .await;
+    assert_eq!(fe.reshard.status().unwrap().phase, "cutover");
+    // Meanwhile other shards' and other keys' traffic is served.
+    let other = proxy.client().await;
+    other
+        .execute(
+            "UPDATE users SET name = 'meanwhile' WHERE id = $1",
+            &[&(moved + 1)],
+        )
+        .await
+        .unwrap();
+    long.execute("UPDATE users SET name = 'long' WHERE id = $1", &[&moved])
+        .await
+        .unwrap();
+    long.batch_execute("COMMIT").await.unwrap();
+    let phase = wait_phase(
+        &proxy,
+        &["done", "failed", "cancelled"],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(phase, "done", "{:?}", fe.reshard.status());
+    let s2 = on_shard(2, &db).await;
+    let name: String = s2
+        .query_one("SELECT name FROM users WHERE id = $1", &[&moved])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "long");
+    let topology = fe.topology.load();
+    let s2_runtime = topology.shards.iter().find(|s| s.name == "s2").unwrap();
+    assert!(
+        s2_runtime.read_floor > 0,
+        "s2's replicas are fenced at the cutover position"
+    );
+}
