@@ -200,6 +200,10 @@ fn describe() {
         "shardgate_shard_paused",
         "1 while the shard is paused from the console"
     );
+    describe_gauge!(
+        "shardgate_pinned_sessions",
+        "Clients whose server connection stays with them between transactions (LISTEN, WITH HOLD cursors)"
+    );
     describe_gauge!("shardgate_reshard_running", "1 while a reshard job runs");
     describe_gauge!(
         "shardgate_reshard_rows_copied",
@@ -239,6 +243,8 @@ fn collect(fe: &Frontend) {
                 .set(n as f64);
         }
     }
+    gauge!("shardgate_pinned_sessions")
+        .set(fe.pinned_sessions.load(std::sync::atomic::Ordering::Relaxed) as f64);
     if let Some(job) = fe.reshard.status() {
         gauge!("shardgate_reshard_running").set(f64::from(u8::from(fe.reshard.running())));
         gauge!("shardgate_reshard_rows_copied").set(job.rows_copied as f64);
