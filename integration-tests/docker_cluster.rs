@@ -27,12 +27,21 @@
 //! - the admin console, as `SHARDGATE_TEST_ADMIN=user:password` (default
 //!   `admin:admin-secret`), for `SHOW NODES`.
 //!
+//! The `reshard_*` test moves hash buckets of `users` from the first shard to the last
+//! under writers (a map edit and `RELOAD`, as an operator does): it leaves the proxy on
+//! a new map that the other tests of the same process would not know, so it runs only
+//! with `SHARDGATE_TEST_RESHARD=1` (docker/test.sh runs it in a process of its own, after
+//! the others and before the failover tests). It edits `SHARDGATE_TEST_SHARD_MAP`, which
+//! must be the file the proxy reads, and uses the admin console as above.
+//!
 //! The tests share one long-lived cluster, so they run one at a time and use keys of their
 //! own (a random base) in the `users` table, which they create if it is missing.
 
 mod common;
 #[path = "docker_cluster/failover.rs"]
 mod failover;
+#[path = "docker_cluster/reshard.rs"]
+mod reshard;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -219,6 +228,30 @@ impl Env {
             .connect(tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("connect to the proxy at {:?}: {e}", self.proxy));
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The proxy's admin console, as `SHARDGATE_TEST_ADMIN=user:password` (default
+    /// `admin:admin-secret`).
+    async fn admin_client(&self) -> tokio_postgres::Client {
+        let admin =
+            std::env::var("SHARDGATE_TEST_ADMIN").unwrap_or_else(|_| "admin:admin-secret".into());
+        let (user, password) = admin
+            .split_once(':')
+            .expect("SHARDGATE_TEST_ADMIN=user:password");
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.proxy.0)
+            .port(self.proxy.1)
+            .user(user)
+            .password(password)
+            .dbname("shardgate")
+            .connect_timeout(Duration::from_secs(10));
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("the admin console: {e}"));
         tokio::spawn(connection);
         client
     }

@@ -32,8 +32,14 @@ write_conf() {
 listen_addresses = '*'
 password_encryption = 'scram-sha-256'
 wal_level = logical                 # online resharding uses logical replication
-max_wal_senders = 10
-max_replication_slots = 10
+# A reshard job takes, on a source, one slot and WAL sender for its subscription plus
+# one per table being synchronised; on a target, an apply worker plus sync workers.
+# The replicas stream without slots (wal_keep_size) but each takes a WAL sender.
+max_wal_senders = 20
+max_replication_slots = 20
+max_worker_processes = 16
+max_logical_replication_workers = 8
+max_sync_workers_per_subscription = 4
 wal_keep_size = '256MB'             # the replicas use no slot
 hot_standby = on
 hot_standby_feedback = on

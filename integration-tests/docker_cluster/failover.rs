@@ -34,24 +34,7 @@ fn load_map(env: &Env) -> ShardMap {
 
 /// `SHOW NODES` on the admin console: (shard, address, role, fenced) per row.
 async fn show_nodes(env: &Env) -> Vec<(String, String, String, String)> {
-    let admin =
-        std::env::var("SHARDGATE_TEST_ADMIN").unwrap_or_else(|_| "admin:admin-secret".into());
-    let (user, password) = admin
-        .split_once(':')
-        .expect("SHARDGATE_TEST_ADMIN=user:password");
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&env.proxy.0)
-        .port(env.proxy.1)
-        .user(user)
-        .password(password)
-        .dbname("shardgate")
-        .connect_timeout(Duration::from_secs(10));
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("the admin console: {e}"));
-    tokio::spawn(connection);
+    let client = env.admin_client().await;
     let rows = client.simple_query("SHOW NODES").await.expect("SHOW NODES");
     rows.iter()
         .filter_map(|m| match m {
