@@ -354,6 +354,29 @@ async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
     eprintln!("reshard status: {status:?}");
     let verify = status.verify.clone().unwrap_or_default();
     assert!(verify.starts_with("ok"), "verification: {verify}");
+    // Progress figures: the estimate and the copied count are of the moved rows.
+    let moved: u64 = verify
+        .split(';')
+        .filter_map(|part| {
+            part.rsplit(": ")
+                .next()?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert!(moved > 10_000, "{verify}");
+    assert!(
+        status.rows_estimate > moved / 2 && status.rows_estimate < moved * 2,
+        "estimate {} for {moved} moved rows",
+        status.rows_estimate
+    );
+    assert!(
+        status.rows_copied >= moved * 9 / 10 && status.rows_copied < moved * 2,
+        "rows_copied {} for {moved} moved rows",
+        status.rows_copied
+    );
     assert!(status.pause_ms.is_some_and(|ms| ms < 2_000), "{status:?}");
     // Every row on its owner, by the server's own hash.
     for (shard, lo, hi) in [(0, 0, 511), (1, 512, 767), (2, 768, 1023)] {

@@ -301,6 +301,8 @@ impl Job {
                 ))
                 .await?;
             }
+            // Inserts the target had before (its own rows): not part of the copy.
+            let baseline = copied_rows(&tgt, &filters).await?;
             let exists = format!("SELECT count(*) FROM pg_subscription WHERE subname = '{name}'");
             if tgt.int(&exists).await? == 0 {
                 let sql = format!(
@@ -317,7 +319,7 @@ impl Job {
                 estimate.0 += rows;
                 estimate.1 += bytes;
             }
-            links.push((name, src, tgt, filters));
+            links.push((name, src, tgt, filters, baseline));
         }
         let started = Instant::now();
         self.ctx.fe.reshard.update(|s| {
@@ -329,13 +331,13 @@ impl Job {
             self.check_cancel()?;
             let mut ready = true;
             let (mut rows, mut lag) = (0u64, 0u64);
-            for (name, src, tgt, filters) in &links {
+            for (name, src, tgt, filters, baseline) in &links {
                 let pending = format!(
                     "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
                      WHERE s.subname = '{name}' AND r.srsubstate <> 'r'"
                 );
                 ready &= tgt.int(&pending).await? == 0;
-                rows += copied_rows(tgt, filters).await?;
+                rows += copied_rows(tgt, filters).await?.saturating_sub(*baseline);
                 let slot = format!(
                     "SELECT coalesce((pg_current_wal_lsn() - confirmed_flush_lsn)::int8, 0) \
                      FROM pg_replication_slots WHERE slot_name = '{name}'"
@@ -366,7 +368,7 @@ impl Job {
             }
             if ready {
                 let mut caught_up = true;
-                for (name, src, tgt, _) in &links {
+                for (name, src, tgt, ..) in &links {
                     caught_up &= fence(src, tgt, name, CAUGHT_UP).await?;
                 }
                 if caught_up {

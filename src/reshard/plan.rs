@@ -44,6 +44,10 @@ pub struct KeyspaceMove {
     pub pieces: Vec<Piece>,
     /// (table, key column), in map order.
     pub tables: Vec<(String, String)>,
+    /// Hash keyspaces: buckets each shard owned in the old map (row estimates scale a
+    /// source's rows by the share of its buckets that move).
+    #[serde(default)]
+    pub owned_buckets: BTreeMap<String, i64>,
 }
 
 /// Everything an edit moves. Empty when only the topology changed.
@@ -129,9 +133,10 @@ impl Plan {
 }
 
 impl Plan {
-    /// For a table of a hash keyspace, the share of its keys that moves from `source`
-    /// to `target` (buckets are equally likely); None for range and time keyspaces,
-    /// whose rows are estimated by the planner from column statistics.
+    /// For a table of a hash keyspace, the share of `source`'s rows that moves to
+    /// `target` (buckets are equally likely): moved buckets over the buckets `source`
+    /// owned. None for range and time keyspaces, whose rows are estimated by the planner
+    /// from column statistics.
     pub fn hash_share(&self, source: &str, target: &str, table: &str) -> Option<f64> {
         let m = self
             .moves
@@ -146,7 +151,12 @@ impl Plan {
             .filter(|p| p.source == source && p.target == target)
             .map(|p| p.until.unwrap_or(i64::from(buckets)) - p.from.unwrap_or(0))
             .sum();
-        Some(moved as f64 / f64::from(buckets))
+        let owned = m
+            .owned_buckets
+            .get(source)
+            .copied()
+            .unwrap_or(i64::from(buckets));
+        Some(moved as f64 / owned.max(1) as f64)
     }
 }
 
@@ -195,11 +205,23 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Result<Plan, PlanError> {
         if tables.is_empty() {
             continue;
         }
+        let owned_buckets = match before {
+            Keyspace::Hash { map, .. } => {
+                let mut owned = BTreeMap::new();
+                for (range, shard) in map {
+                    *owned.entry(shard.clone()).or_insert(0) +=
+                        i64::from(*range.end()) - i64::from(*range.start()) + 1;
+                }
+                owned
+            }
+            _ => BTreeMap::new(),
+        };
         moves.push(KeyspaceMove {
             keyspace: name.clone(),
             axis,
             pieces,
             tables,
+            owned_buckets,
         });
     }
     Ok(Plan { moves })

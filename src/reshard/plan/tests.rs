@@ -63,6 +63,8 @@ fn moved_buckets_become_one_piece_per_stretch() {
         }]
     );
     assert_eq!(plan.pairs(), vec![("s1".to_owned(), "s2".to_owned())]);
+    // Half of s1's buckets move: half of its rows.
+    assert_eq!(plan.hash_share("s1", "s2", "orders"), Some(0.5));
     let filters = plan.filters("s1", "s2");
     assert_eq!(
         filters[0],
