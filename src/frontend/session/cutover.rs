@@ -90,7 +90,9 @@ where
                     if !self.fe.reshard.gate.wait_open(GATE_WAIT).await {
                         return Err(BackendError::Server {
                             code: "57P03".into(),
-                            message: "a reshard cutover has held new transactions for too long; retry".into(),
+                            message:
+                                "a reshard cutover has held new transactions for too long; retry"
+                                    .into(),
                         }
                         .into());
                     }
