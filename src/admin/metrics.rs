@@ -243,8 +243,10 @@ fn collect(fe: &Frontend) {
                 .set(n as f64);
         }
     }
-    gauge!("shardgate_pinned_sessions")
-        .set(fe.pinned_sessions.load(std::sync::atomic::Ordering::Relaxed) as f64);
+    gauge!("shardgate_pinned_sessions").set(
+        fe.pinned_sessions
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     if let Some(job) = fe.reshard.status() {
         gauge!("shardgate_reshard_running").set(f64::from(u8::from(fe.reshard.running())));
         gauge!("shardgate_reshard_rows_copied").set(job.rows_copied as f64);

@@ -466,7 +466,10 @@ where
             || self.server.as_ref().is_some_and(|c| c.unsynced);
         let settings = &self.fe.settings;
         let (kind, limit) = if in_transaction {
-            (IdleLimit::InTransaction, settings.idle_in_transaction_timeout)
+            (
+                IdleLimit::InTransaction,
+                settings.idle_in_transaction_timeout,
+            )
         } else {
             (IdleLimit::Session, settings.client_idle_timeout)
         };
@@ -488,7 +491,10 @@ where
                 "25P03",
                 "terminating connection due to idle-in-transaction timeout",
             ),
-            _ => ("57P05", "terminating connection due to idle-session timeout"),
+            _ => (
+                "57P05",
+                "terminating connection due to idle-session timeout",
+            ),
         };
         tracing::info!(code, "client idle past its limit; closing it");
         self.fatal(code, message);
