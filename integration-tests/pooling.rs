@@ -121,9 +121,7 @@ async fn a_client_vanishing_mid_transaction_commits_nothing_and_leaves_clean_con
     {
         let doomed = proxy.client().await;
         doomed
-            .batch_execute(&format!(
-                "BEGIN; INSERT INTO {table} VALUES ('lost'); SET LOCAL work_mem = '77MB'"
-            ))
+            .batch_execute(&format!("BEGIN; INSERT INTO {table} VALUES ('lost')"))
             .await
             .unwrap();
         // Dropping the client closes its socket without COMMIT or Terminate.
@@ -147,14 +145,63 @@ async fn a_client_vanishing_mid_transaction_commits_nothing_and_leaves_clean_con
     next.batch_execute(&format!("INSERT INTO {table} VALUES ('kept')"))
         .await
         .unwrap();
-    let work_mem: String = next.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
-    assert_ne!(work_mem, "77MB");
     let rows = direct
         .query(&format!("SELECT v FROM {table}"), &[])
         .await
         .unwrap();
     let values: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(values, vec!["kept".to_string()]);
+}
+
+/// `current_setting('work_mem')` and the server's pid, on the primary (a pool of one).
+async fn work_mem_and_pid(client: &tokio_postgres::Client) -> (String, String) {
+    let messages = client
+        .simple_query(
+            "/* shardgate: primary */ SELECT current_setting('work_mem'), pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    let row = messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .expect("a row");
+    (row.get(0).unwrap().into(), row.get(1).unwrap().into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_ends_with_its_transaction_when_the_connection_changes_hands() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = proxy.client().await;
+    let b = proxy.client().await;
+    a.batch_execute("/* shardgate: primary */ BEGIN; SET LOCAL work_mem = '77MB'")
+        .await
+        .unwrap();
+    let (inside, pid) = work_mem_and_pid(&a).await;
+    assert_eq!(inside, "77MB", "SET LOCAL holds inside its transaction");
+    a.batch_execute("COMMIT").await.unwrap();
+    // The one server connection goes to another client with a setting of its own, and
+    // back: the first client's settings are brought back on it, and SET LOCAL is not
+    // among them (replayed as a session SET, it would come back here).
+    b.batch_execute("SET work_mem = '5MB'").await.unwrap();
+    assert_eq!(work_mem_and_pid(&b).await, ("5MB".to_string(), pid.clone()));
+    let (after, same_pid) = work_mem_and_pid(&a).await;
+    assert_eq!(
+        same_pid, pid,
+        "the pool of one lends the same server connection"
+    );
+    assert_ne!(after, "77MB", "SET LOCAL outlived its transaction");
+    assert_ne!(after, "5MB", "another client's SET reached this one");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
