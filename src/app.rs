@@ -29,7 +29,6 @@ use crate::shard_map::{NodeAddr, ShardMap, ShardSpec};
 use crate::topology::SharedFreshness;
 
 /// Distinct simple-query texts whose analysis is kept.
-const ANALYSIS_CACHE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -175,6 +174,8 @@ pub fn build_frontend(
         idle_in_transaction_timeout: Some(config.limits.idle_in_transaction_timeout)
             .filter(|t| !t.is_zero()),
         client_idle_timeout: Some(config.limits.client_idle_timeout).filter(|t| !t.is_zero()),
+        max_auth_message: config.limits.max_auth_message_size,
+        buffer_size: config.limits.buffer_size,
     };
     Ok(Frontend {
         settings,
@@ -192,13 +193,15 @@ pub fn build_frontend(
             map: Arc::new(map.clone()),
             generation: 0,
         }),
-        analysis: AnalysisCache::new(ANALYSIS_CACHE_SIZE),
-        shard_plans: ShapeCache::new(ANALYSIS_CACHE_SIZE),
+        analysis: AnalysisCache::new(config.limits.statement_cache_size),
+        shard_plans: ShapeCache::new(config.limits.statement_cache_size),
         route_counter: Default::default(),
         pinned_sessions: Default::default(),
         route_stats: Default::default(),
         pools: Pools::default(),
-        statements: Default::default(),
+        statements: crate::frontend::prepared::StatementRegistry::with_limit(
+            config.limits.max_prepared_statements,
+        ),
         cancels: Default::default(),
         tls: match &config.tls {
             Some(tls) => Some(
@@ -210,7 +213,10 @@ pub fn build_frontend(
         admin: crate::admin::AdminState::new(config),
         clients: Default::default(),
         // A paused shard holds a new transaction as long as a pool would.
-        pauses: crate::admin::pause::Pauses::new(config.pool.acquire_timeout),
+        pauses: crate::admin::pause::Pauses::with_limit(
+            config.pool.acquire_timeout,
+            config.limits.max_paused_transactions,
+        ),
         metrics: Default::default(),
         reshard: Default::default(),
     })

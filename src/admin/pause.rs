@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// Transactions that may wait on paused shards at once; past it new ones are refused
-/// at once instead of queueing (memory and file descriptors stay bounded).
+/// Default of `limits.max_paused_transactions`: transactions that may wait on paused
+/// shards at once; past it new ones are refused at once instead of queueing (memory
+/// and file descriptors stay bounded).
 pub const MAX_WAITING: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -51,11 +52,18 @@ pub struct Pauses {
     waiting: AtomicUsize,
     /// How long `wait_if_paused` holds a transaction.
     pub max_wait: Duration,
+    /// How many may wait at once.
+    max_waiting: usize,
 }
 
 impl Pauses {
     pub fn new(max_wait: Duration) -> Pauses {
+        Pauses::with_limit(max_wait, MAX_WAITING)
+    }
+
+    pub fn with_limit(max_wait: Duration, max_waiting: usize) -> Pauses {
         Pauses {
+            max_waiting,
             state: watch::Sender::new(PauseState::default()),
             any: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
@@ -111,7 +119,7 @@ impl Pauses {
         if !self.is_paused(shard) {
             return Ok(());
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(PauseError::QueueFull(shard.to_owned()));
         }

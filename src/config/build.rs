@@ -243,7 +243,47 @@ fn limits(raw: RawLimits) -> Result<LimitsConfig, Issue> {
             "limits.client_idle_timeout",
             d.client_idle_timeout,
         )?,
+        statement_cache_size: at_least_one(
+            raw.statement_cache_size,
+            "limits.statement_cache_size",
+            d.statement_cache_size,
+        )?,
+        max_prepared_statements: at_least_one(
+            raw.max_prepared_statements,
+            "limits.max_prepared_statements",
+            d.max_prepared_statements,
+        )?,
+        max_auth_message_size: bounded_size(
+            raw.max_auth_message_size.as_ref(),
+            "limits.max_auth_message_size",
+            d.max_auth_message_size,
+            1 << 10,
+        )?,
+        buffer_size: bounded_size(
+            raw.buffer_size.as_ref(),
+            "limits.buffer_size",
+            d.buffer_size,
+            16 << 10,
+        )?,
+        max_paused_transactions: at_least_one(
+            raw.max_paused_transactions,
+            "limits.max_paused_transactions",
+            d.max_paused_transactions,
+        )?,
     })
+}
+
+/// A size with a lower bound, as a usize.
+fn bounded_size(raw: Option<&Text>, field: &str, default: usize, min: u64) -> Result<usize, Issue> {
+    let Some(text) = raw else {
+        return Ok(default);
+    };
+    let value = size(Some(text), field, default as u64)?;
+    if value < min {
+        return Err(Issue::at(text, format!("{field}: must be at least {min} bytes")));
+    }
+    usize::try_from(value)
+        .map_err(|_| Issue::at(text, format!("{field}: too large for this platform")))
 }
 
 fn reshard(raw: RawReshard, base: &Path) -> Result<ReshardConfig, Issue> {

@@ -102,6 +102,18 @@ pub struct LimitsConfig {
     pub idle_in_transaction_timeout: Duration,
     /// A client idle outside a transaction this long is closed; zero is off.
     pub client_idle_timeout: Duration,
+    /// Statement shapes whose analysis (and, sharded, shard plan) is cached.
+    pub statement_cache_size: usize,
+    /// Distinct prepared statement texts remembered across clients; past it the
+    /// registry starts over (statements in use stay valid).
+    pub max_prepared_statements: usize,
+    /// Largest message accepted during authentication (SCRAM messages are small).
+    pub max_auth_message_size: usize,
+    /// Bytes queued towards a client or a server per session before the proxy stops
+    /// reading from the other side (backpressure).
+    pub buffer_size: usize,
+    /// Transactions that may wait on paused shards at once; more are refused.
+    pub max_paused_transactions: usize,
 }
 
 /// A role clients log in as; the same name and password are used towards the backends.
@@ -196,6 +208,11 @@ impl Default for LimitsConfig {
             startup_wait: Duration::from_secs(5),
             idle_in_transaction_timeout: Duration::from_secs(10 * 60),
             client_idle_timeout: Duration::ZERO,
+            statement_cache_size: 4096,
+            max_prepared_statements: 10_000,
+            max_auth_message_size: 64 << 10,
+            buffer_size: 256 << 10,
+            max_paused_transactions: 10_000,
         }
     }
 }

@@ -62,6 +62,11 @@ pub(crate) struct RawLimits {
     pub startup_wait: Option<Text>,
     pub idle_in_transaction_timeout: Option<Text>,
     pub client_idle_timeout: Option<Text>,
+    pub statement_cache_size: Option<Spanned<usize>>,
+    pub max_prepared_statements: Option<Spanned<usize>>,
+    pub max_auth_message_size: Option<Text>,
+    pub buffer_size: Option<Text>,
+    pub max_paused_transactions: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]

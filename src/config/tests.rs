@@ -140,7 +140,11 @@ fn every_field_can_be_set() {
         "{MINIMAL}pool: {{ mode: session, size: 3, acquire_timeout: 1s, connect_timeout: 2s, \
          idle_timeout: 3m, server_lifetime: 2h }}\n\
          limits: {{ max_client_connections: 7, max_message_size: 1MB, login_timeout: 500ms, \
-         shutdown_grace: 0s }}\n\
+         shutdown_grace: 0s, statement_cache_size: 10, max_prepared_statements: 20, \
+         max_auth_message_size: 2kB, buffer_size: 32kB, max_paused_transactions: 5, \
+         max_unauthenticated: 9, startup_wait: 1s, idle_in_transaction_timeout: 0s, \
+         client_idle_timeout: 1m }}\n\
+         reshard: {{ max_pause: 500ms, cutover_lag: 2MB, delete_batch: 100, state_file: job.json }}\n\
          routing: {{ max_replica_lag: 0s, max_replica_lag_bytes: 0, read_your_writes: false, \
          lag_check_interval: 100ms }}\n\
          failover: {{ auto: false, after: 10s }}\n\
@@ -157,6 +161,19 @@ fn every_field_can_be_set() {
     assert_eq!(c.limits.max_message_size, 1 << 20);
     assert_eq!(c.limits.login_timeout, Duration::from_millis(500));
     assert_eq!(c.limits.shutdown_grace, Duration::ZERO);
+    assert_eq!(c.limits.statement_cache_size, 10);
+    assert_eq!(c.limits.max_prepared_statements, 20);
+    assert_eq!(c.limits.max_auth_message_size, 2 << 10);
+    assert_eq!(c.limits.buffer_size, 32 << 10);
+    assert_eq!(c.limits.max_paused_transactions, 5);
+    assert_eq!(c.limits.max_unauthenticated, 9);
+    assert_eq!(c.limits.startup_wait, Duration::from_secs(1));
+    assert_eq!(c.limits.idle_in_transaction_timeout, Duration::ZERO);
+    assert_eq!(c.limits.client_idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.reshard.max_pause, Duration::from_millis(500));
+    assert_eq!(c.reshard.cutover_lag, 2 << 20);
+    assert_eq!(c.reshard.delete_batch, 100);
+    assert!(c.reshard.state_file.as_ref().unwrap().ends_with("job.json"));
     assert_eq!(c.routing.max_replica_lag, Duration::ZERO);
     assert_eq!(c.routing.max_replica_lag_bytes, 0);
     assert!(!c.routing.read_your_writes);
@@ -300,6 +317,9 @@ fn value_errors_point_at_the_value() {
         ("pool:\n  size: lots", 5, ""),
         ("pool:\n  mode: statement", 5, "unknown mode \"statement\""),
         ("limits:\n  max_message_size: 1kB", 5, "at least 16kB"),
+        ("limits:\n  buffer_size: 1kB", 5, "at least 16384 bytes"),
+        ("limits:\n  statement_cache_size: 0", 5, "at least 1"),
+        ("reshard:\n  max_pause: 0s", 5, "reshard.max_pause"),
         ("limits:\n  max_message_size: 1 parsec", 5, "invalid size"),
         (
             "routing:\n  max_replica_lag_bytes: 16 mb",

@@ -49,6 +49,11 @@ pub struct FrontendSettings {
     /// `limits.client_idle_timeout`: a client idle this long outside a transaction is
     /// closed with 57P05. None: off (the default).
     pub client_idle_timeout: Option<Duration>,
+    /// `limits.max_auth_message_size`.
+    pub max_auth_message: usize,
+    /// `limits.buffer_size`: per-session bytes queued towards one side before the
+    /// proxy stops reading from the other.
+    pub buffer_size: usize,
 }
 
 /// A user clients may log in as. The password is kept to authenticate to servers

@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::session_sql::{self, SessionEffects};
 use crate::routing::analyze::{self, Analyzed};
 
-/// Above this many distinct statement texts the registry starts over. Statements held
-/// by sessions stay valid (they own an Arc); a re-registered text just gets a new id.
+/// Default of `limits.max_prepared_statements`: above this many distinct statement
+/// texts the registry starts over. Statements held by sessions stay valid (they own an
+/// Arc); a re-registered text just gets a new id.
 const MAX_REGISTERED: usize = 10_000;
 
 #[derive(Debug)]
@@ -102,8 +103,9 @@ impl PreparedStatement {
     }
 }
 
-#[derive(Default)]
 pub struct StatementRegistry {
+    /// `limits.max_prepared_statements`.
+    limit: usize,
     /// A std Mutex: held for one hash lookup (or insert), never across .await and
     /// never while a statement is parsed.
     inner: Mutex<Registry>,
@@ -121,7 +123,22 @@ struct Registry {
     next_id: u64,
 }
 
+impl Default for StatementRegistry {
+    fn default() -> Self {
+        StatementRegistry::with_limit(MAX_REGISTERED)
+    }
+}
+
 impl StatementRegistry {
+    pub fn with_limit(limit: usize) -> StatementRegistry {
+        StatementRegistry {
+            limit: limit.max(1),
+            inner: Mutex::default(),
+            hasher: std::hash::RandomState::default(),
+            epoch: AtomicU64::default(),
+        }
+    }
+
     pub fn register(&self, query: &str, param_types: &[u32]) -> Arc<PreparedStatement> {
         let hash = self.hasher.hash_one((query, param_types));
         let epoch = self.epoch.load(Ordering::Acquire);
@@ -135,7 +152,7 @@ impl StatementRegistry {
         if let Some(stmt) = reg.find(hash, query, param_types, epoch) {
             return stmt; // another session registered it meanwhile
         }
-        if reg.count >= MAX_REGISTERED {
+        if reg.count >= self.limit {
             reg.by_text.clear();
             reg.count = 0;
         }

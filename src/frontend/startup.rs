@@ -20,8 +20,6 @@ use crate::backend::params::{quote_literal, SessionParams};
 use crate::protocol::messages::{self, btag};
 use crate::protocol::{decode_frame, decode_startup, scram, Frame, StartupPacket};
 
-/// Authentication messages are small; anything bigger is an attack or a bug.
-const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 /// How long the FATAL error that ends a login may take to reach the client.
 pub(super) const REFUSE_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -270,12 +268,15 @@ async fn forward_cancel(fe: &Frontend, pid: u32, secret: u32) {
     }
 }
 
+/// Authentication messages are small (`limits.max_auth_message_size`); anything
+/// bigger is an attack or a bug.
 async fn read_auth_frame(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
+    max_len: usize,
 ) -> Result<Frame, LoginError> {
     loop {
-        match decode_frame(buf, MAX_AUTH_MESSAGE) {
+        match decode_frame(buf, max_len) {
             Ok(Some(frame)) if frame.tag == b'p' => return Ok(frame),
             Ok(Some(_)) => {
                 return Err(LoginError::Refused(
@@ -321,7 +322,7 @@ async fn authenticate(
     messages::auth_request(&mut out, 10, scram::mechanisms(end_point.is_some()));
     stream.write_all(&out).await?;
 
-    let frame = read_auth_frame(stream, buf).await?;
+    let frame = read_auth_frame(stream, buf, fe.settings.max_auth_message).await?;
     let mut body = frame.body();
     let malformed = || LoginError::Refused("08P01", "malformed SASLInitialResponse".into());
     let mechanism = crate::protocol::frame::take_cstr(&mut body).map_err(|_| malformed())?;
@@ -347,7 +348,7 @@ async fn authenticate(
     messages::auth_request(&mut out, 11, server_first.as_bytes());
     stream.write_all(&out).await?;
 
-    let frame = read_auth_frame(stream, buf).await?;
+    let frame = read_auth_frame(stream, buf, fe.settings.max_auth_message).await?;
     let server_final = exchange
         .server_final(secret, frame.body())
         .map_err(refused)?;

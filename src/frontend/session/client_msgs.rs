@@ -36,7 +36,7 @@ where
     W: AsyncWrite + Unpin,
 {
     pub(super) async fn process_client_frames(&mut self) -> Result<Flow, SessionError> {
-        while self.sout.len() < super::OUT_LIMIT && self.gate.is_none() {
+        while self.sout.len() < self.fe.settings.buffer_size && self.gate.is_none() {
             if self.client_relay > 0 {
                 if !self.relay_client_data() {
                     break;

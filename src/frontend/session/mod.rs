@@ -5,7 +5,7 @@
 //!
 //! Flow control: four buffers (client in/out, server in/out) and one `select!` over
 //! the four directions. Reading from a side stops while the buffer towards the other
-//! side is above `OUT_LIMIT`, so a slow reader backs pressure up to the producer and
+//! side is above `limits.buffer_size`, so a slow reader backs pressure up to the producer and
 //! memory stays bounded per session.
 
 mod batch;
@@ -48,9 +48,6 @@ const UNANALYZED: Analyzed = Analyzed {
 /// How many borrowed connections may fail before first use (dead sockets the pool's
 /// liveness check could not see yet) before the client gets the error.
 const CHECKOUT_RETRIES: usize = 3;
-
-/// Bytes buffered towards one peer before we stop reading from the other.
-const OUT_LIMIT: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -502,6 +499,7 @@ where
     }
 
     async fn wait_io(&mut self) -> Result<Event, SessionError> {
+        let out_limit = self.fe.settings.buffer_size;
         let Session {
             rd,
             wr,
@@ -531,10 +529,10 @@ where
             biased;
             r = wr.write_buf(cout), if !cout.is_empty() => { r?; Ok(Event::Wrote) }
             r = write_server(swr, sout), if !sout.is_empty() => { r.map_err(BackendError::Io)?; Ok(Event::Wrote) }
-            r = read_server(srd, rbuf), if !idle && cout.len() < OUT_LIMIT => {
+            r = read_server(srd, rbuf), if !idle && cout.len() < out_limit => {
                 Ok(Event::ServerRead(r.map_err(BackendError::Io)?))
             }
-            r = rd.read_buf(cbuf), if sout.len() < OUT_LIMIT && !gated => Ok(Event::ClientRead(r?)),
+            r = rd.read_buf(cbuf), if sout.len() < out_limit && !gated => Ok(Event::ClientRead(r?)),
             _ = shutdown.changed(), if idle => Ok(Event::Shutdown),
             _ = idle_sleep(idle_timer.as_mut()), if idle_limit.is_some() => Ok(Event::IdleTimeout),
         }

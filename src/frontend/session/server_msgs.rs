@@ -56,7 +56,7 @@ where
     W: AsyncWrite + Unpin,
 {
     pub(super) fn process_server_frames(&mut self) -> Result<(), SessionError> {
-        while self.cout.len() < super::OUT_LIMIT {
+        while self.cout.len() < self.fe.settings.buffer_size {
             let Some(conn) = self.server.as_mut() else {
                 return Ok(());
             };
