@@ -873,3 +873,59 @@ async fn an_open_transaction_delays_the_cutover_and_its_write_survives() {
         "s2's replicas are fenced at the cutover position"
     );
 }
+
+/// `shardgate plan OLD NEW`: what moves, and with --config row estimates from the
+/// source's statistics; nothing changes on the servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_prints_what_moves_with_estimates() {
+    let (proxy, db) = setup().await;
+    load_users(&proxy, 2_000).await;
+    let dir = proxy.map_file().parent().unwrap().to_path_buf();
+    let old = dir.join("old.yaml");
+    let new = dir.join("new.yaml");
+    std::fs::write(&old, map(1, &db, &TWO_SHARDS, &TIME_TWO)).unwrap();
+    std::fs::write(
+        &new,
+        map(
+            2,
+            &db,
+            &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
+            &TIME_TWO,
+        ),
+    )
+    .unwrap();
+    let run = |with_config: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
+        if with_config {
+            cmd.arg("--config").arg(dir.join("shardgate.yaml"));
+        }
+        cmd.arg("plan").arg(&old).arg(&new);
+        common::proxy::run_cmd(&mut cmd)
+    };
+    let (ok, out, err) = run(false);
+    assert!(ok, "{err}");
+    assert!(out.contains("shard s2: added"), "{out}");
+    assert!(
+        out.contains("keyspace users: buckets 768-1023 moves s1 -> s2 (tables: orders, users)"),
+        "{out}"
+    );
+    let (ok, out, err) = run(true);
+    assert!(ok, "{err}");
+    // About a quarter of 2000 users (half of s1's buckets, s1 holding about half).
+    let users_line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("users s1 -> s2: about"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let rows: u64 = users_line
+        .split_whitespace()
+        .nth(5)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((250..1000).contains(&rows), "{users_line}");
+    // A dry run: nothing was created on the servers.
+    for shard in 0..3 {
+        assert_eq!(leftovers(shard, &db).await, Vec::<String>::new());
+    }
+    assert!(proxy.handle.frontend.reshard.status().is_none());
+}

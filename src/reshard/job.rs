@@ -807,11 +807,14 @@ pub async fn estimate_rows(
     if let Some(share) = hash_share {
         // The planner has no statistics for a hash expression: the table's row count
         // and average row size times the share of buckets.
+        // A table never analysed has no row count (-1): counted instead.
         let sql = format!(
-            "SELECT greatest(reltuples, 0)::int8, CASE WHEN reltuples > 0 \
-             THEN (pg_relation_size(oid) / reltuples)::int8 ELSE 0 END \
-             FROM pg_class WHERE oid = {}::regclass",
-            literal(table)
+            "SELECT n, CASE WHEN n > 0 THEN pg_relation_size({t}::regclass) / n ELSE 0 END \
+             FROM (SELECT CASE WHEN reltuples >= 0 THEN reltuples::int8 \
+                   ELSE (SELECT count(*) FROM {name}) END AS n \
+                   FROM pg_class WHERE oid = {t}::regclass) c",
+            t = literal(table),
+            name = quote_name(table)
         );
         let row = src.rows(&sql).await?.into_iter().next().unwrap_or_default();
         let num = |i: usize| -> f64 {
