@@ -162,9 +162,18 @@ fn nodes(fe: &Frontend) -> Table {
             ]);
         }
     }
-    // Old primaries a promotion took out of the map: never routed to again.
+    // Old primaries a promotion took out of the map: never routed to again. One that
+    // is back in the map (as a replica) has its row above already.
     let fenced = fe.fenced.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let listed: std::collections::HashSet<(String, String)> = topology
+        .shards
+        .iter()
+        .flat_map(|s| s.nodes.iter().map(|n| (s.name.clone(), address(n))))
+        .collect();
     for (shard, address) in fenced {
+        if listed.contains(&(shard.clone(), address.clone())) {
+            continue;
+        }
         t.push(vec![
             shard.into(),
             Cell(None),
