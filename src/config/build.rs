@@ -280,7 +280,10 @@ fn bounded_size(raw: Option<&Text>, field: &str, default: usize, min: u64) -> Re
     };
     let value = size(Some(text), field, default as u64)?;
     if value < min {
-        return Err(Issue::at(text, format!("{field}: must be at least {min} bytes")));
+        return Err(Issue::at(
+            text,
+            format!("{field}: must be at least {min} bytes"),
+        ));
     }
     usize::try_from(value)
         .map_err(|_| Issue::at(text, format!("{field}: too large for this platform")))
