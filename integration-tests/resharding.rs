@@ -83,8 +83,14 @@ fn options() -> ProxyOptions {
     }
 }
 
+/// The tests of this file run one at a time: each moves rows on the same three
+/// clusters, and the stall and pause they measure should not be other tests' load.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A database on all three shards; the schema through the proxy (so on s0 and s1 only).
-async fn setup() -> (TestProxy, String) {
+/// The guard keeps the other tests of this file waiting.
+async fn setup() -> (TestProxy, String, tokio::sync::MutexGuard<'static, ()>) {
+    let serial = SERIAL.lock().await;
     let db = unique_name("rs");
     for c in shards() {
         let su = superuser_client(c, c.primary.1, "postgres").await;
@@ -109,7 +115,7 @@ async fn setup() -> (TestProxy, String) {
         )
         .await
         .expect("schema through the proxy");
-    (proxy, db)
+    (proxy, db, serial)
 }
 
 async fn on_shard(shard: usize, db: &str) -> tokio_postgres::Client {
@@ -306,7 +312,7 @@ async fn misplaced(shard: usize, db: &str, table: &str, column: &str, lo: u32, h
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     let users = 20_000;
     load_users(&proxy, users).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -501,7 +507,7 @@ async fn load_events(proxy: &TestProxy) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_oldest_time_range_moves_to_a_new_shard() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     let events = load_events(&proxy).await;
     let new_map = map(
         2,
@@ -572,7 +578,7 @@ async fn lock_table(shard: usize, db: &str, table: &str) -> tokio_postgres::Clie
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancel_during_the_copy_leaves_both_sides_as_they_were() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     let s0 = on_shard(0, &db).await;
     let before = int(&s0, "SELECT count(*) FROM orders").await;
@@ -655,7 +661,7 @@ fn bucket(id: i64) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restart_during_the_copy_resumes_the_job() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     // The schema on s2 beforehand (as the app role), so that its orders table can be
     // locked before the job starts: the copy into it waits, and the job with it.
@@ -735,7 +741,7 @@ async fn a_restart_during_the_copy_resumes_the_job() {
 /// it is refused instead of landing on the shard that no longer owns the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pinned_session_follows_the_cutover() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     let moved = (1..=2_000).find(|i| bucket(*i) >= 768).unwrap();
     let stays = (1..=2_000)
@@ -811,7 +817,7 @@ async fn a_pinned_session_follows_the_cutover() {
 /// new owner. Replicas of the new owner serve moved keys only past the cutover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_open_transaction_delays_the_cutover_and_its_write_survives() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     let moved = (1..=2_000).find(|i| bucket(*i) >= 768).unwrap();
     let new_map = map(
@@ -878,7 +884,7 @@ async fn an_open_transaction_delays_the_cutover_and_its_write_survives() {
 /// source's statistics; nothing changes on the servers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_prints_what_moves_with_estimates() {
-    let (proxy, db) = setup().await;
+    let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     let dir = proxy.map_file().parent().unwrap().to_path_buf();
     let old = dir.join("old.yaml");
