@@ -18,7 +18,7 @@ use crate::frontend::Frontend;
 use crate::shard_map::ShardMap;
 
 /// How often the copy phase looks at progress.
-const POLL: Duration = Duration::from_millis(250);
+const POLL: Duration = Duration::from_millis(100);
 /// A fence row must reach the target this fast for the copy to count as caught up.
 const CAUGHT_UP: Duration = Duration::from_secs(1);
 /// How often the copy logs its progress.
@@ -768,8 +768,13 @@ impl Job {
 /// applies in commit order).
 async fn fence(src: &Node, tgt: &Node, name: &str, within: Duration) -> Result<bool, Stop> {
     let marker: i64 = rand::random::<i64>() & i64::MAX;
-    src.exec(&format!("INSERT INTO public.{name} (n) VALUES ({marker})"))
-        .await?;
+    // Flushed at commit even where synchronous_commit is off: the WAL sender sends
+    // only flushed WAL, and the cutover waits for this row.
+    src.exec(&format!(
+        "BEGIN; SET LOCAL synchronous_commit = local; \
+         INSERT INTO public.{name} (n) VALUES ({marker}); COMMIT"
+    ))
+    .await?;
     let check = format!("SELECT count(*) FROM public.{name} WHERE n = {marker}");
     let deadline = Instant::now() + within;
     loop {
