@@ -277,12 +277,14 @@ async fn show_nodes(proxy: &TestProxy) -> Vec<(String, String, String, String)> 
         .collect()
 }
 
+/// A server setting; empty when the query fails (the fence ends the sessions of a
+/// node it makes read-only, this one's included: the caller's wait tries again).
 async fn setting(client: &tokio_postgres::Client, name: &str) -> String {
     client
         .query_one(&format!("SELECT current_setting('{name}')"), &[])
         .await
-        .unwrap()
-        .get(0)
+        .map(|row| row.get(0))
+        .unwrap_or_default()
 }
 
 async fn count(client: &tokio_postgres::Client) -> i64 {
