@@ -264,3 +264,42 @@ fn garbage_is_a_protocol_error() {
         );
     }
 }
+
+/// The fuzz target `scram_messages` as a property test on stable: any bytes as a
+/// client-first-message, then any bytes as the client-final-message: never a panic, and
+/// without the password no final message passes.
+mod properties {
+    use std::sync::OnceLock;
+
+    use proptest::prelude::*;
+
+    use super::super::{server_first, ScramSecret};
+
+    fn secret() -> &'static ScramSecret {
+        static SECRET: OnceLock<ScramSecret> = OnceLock::new();
+        SECRET.get_or_init(|| ScramSecret::new("property"))
+    }
+
+    proptest! {
+        #[test]
+        fn scram_parsers_never_panic(
+            first in proptest::collection::vec(any::<u8>(), 0..200),
+            last in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let exchange = match server_first(secret(), &first) {
+                Ok((exchange, _)) => exchange,
+                Err(_) => server_first(secret(), b"n,,n=,r=propnonce").unwrap().0,
+            };
+            prop_assert!(exchange.server_final(secret(), &last).is_err());
+        }
+
+        #[test]
+        fn plausible_client_finals_never_pass(
+            tail in "[a-zA-Z0-9=,+/]{0,120}",
+        ) {
+            let (exchange, _) = server_first(secret(), b"n,,n=,r=propnonce").unwrap();
+            let last = format!("c=biws,r=propnonce{tail}");
+            prop_assert!(exchange.server_final(secret(), last.as_bytes()).is_err());
+        }
+    }
+}

@@ -277,3 +277,25 @@ fn the_corpus_is_large_enough() {
     let n = READS.len() + WRITES.len() + UTILITY.len() + SESSION.len() + 15;
     assert!(n >= 100, "{n}");
 }
+
+/// The fuzz target `statement_analysis` as a property test on stable: any text is
+/// analysed (or found unparsable) without a panic.
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn analysis_never_panics(sql in "\\PC{0,200}") {
+            let _ = crate::routing::analyze::analyze(&sql);
+            let _ = crate::frontend::session_sql::analyze(&sql);
+        }
+
+        #[test]
+        fn sql_like_text_never_panics(
+            sql in "(SELECT|INSERT|UPDATE|DELETE|WITH|BEGIN|SET|COPY|/\\*|--|'|\\$\\$|;| |[a-z_0-9(),.*=<>$]){0,60}",
+        ) {
+            let _ = crate::routing::analyze::analyze(&sql);
+            let _ = crate::frontend::session_sql::analyze(&sql);
+        }
+    }
+}
