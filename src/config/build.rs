@@ -293,11 +293,7 @@ fn reshard(raw: RawReshard, base: &Path) -> Result<ReshardConfig, Issue> {
     let d = ReshardConfig::default();
     Ok(ReshardConfig {
         max_pause: positive_duration(raw.max_pause.as_ref(), "reshard.max_pause", d.max_pause)?,
-        cutover_lag: size(
-            raw.cutover_lag.as_ref(),
-            "reshard.cutover_lag",
-            d.cutover_lag,
-        )?,
+        catch_up: positive_duration(raw.catch_up.as_ref(), "reshard.catch_up", d.catch_up)?,
         delete_batch: at_least_one(raw.delete_batch, "reshard.delete_batch", d.delete_batch)?,
         state_file: raw
             .state_file

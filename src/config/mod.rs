@@ -155,8 +155,9 @@ pub struct FailoverConfig {
 pub struct ReshardConfig {
     /// Longest time new transactions touching the moving keys are held at cutover.
     pub max_pause: Duration,
-    /// The target may be this far behind (bytes of source WAL) for cutover to start.
-    pub cutover_lag: u64,
+    /// The copy counts as caught up (and the cutover may start) when a fence row
+    /// written on the source reaches the target within this.
+    pub catch_up: Duration,
     /// Rows deleted from the source per statement during clean-up.
     pub delete_batch: usize,
     /// Where job state is kept (so a restart resumes or cleans up); default: next to
@@ -168,7 +169,7 @@ impl Default for ReshardConfig {
     fn default() -> Self {
         ReshardConfig {
             max_pause: Duration::from_secs(2),
-            cutover_lag: 1 << 20,
+            catch_up: Duration::from_secs(1),
             delete_batch: 5000,
             state_file: None,
         }

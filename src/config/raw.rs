@@ -103,7 +103,7 @@ pub(crate) struct RawFailover {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawReshard {
     pub max_pause: Option<Text>,
-    pub cutover_lag: Option<Text>,
+    pub catch_up: Option<Text>,
     pub delete_batch: Option<Spanned<usize>>,
     pub state_file: Option<Text>,
 }

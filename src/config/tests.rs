@@ -144,7 +144,7 @@ fn every_field_can_be_set() {
          max_auth_message_size: 2kB, buffer_size: 32kB, max_paused_transactions: 5, \
          max_unauthenticated: 9, startup_wait: 1s, idle_in_transaction_timeout: 0s, \
          client_idle_timeout: 1m }}\n\
-         reshard: {{ max_pause: 500ms, cutover_lag: 2MB, delete_batch: 100, state_file: job.json }}\n\
+         reshard: {{ max_pause: 500ms, catch_up: 300ms, delete_batch: 100, state_file: job.json }}\n\
          routing: {{ max_replica_lag: 0s, max_replica_lag_bytes: 0, read_your_writes: false, \
          lag_check_interval: 100ms }}\n\
          failover: {{ auto: false, after: 10s }}\n\
@@ -171,7 +171,7 @@ fn every_field_can_be_set() {
     assert_eq!(c.limits.idle_in_transaction_timeout, Duration::ZERO);
     assert_eq!(c.limits.client_idle_timeout, Duration::from_secs(60));
     assert_eq!(c.reshard.max_pause, Duration::from_millis(500));
-    assert_eq!(c.reshard.cutover_lag, 2 << 20);
+    assert_eq!(c.reshard.catch_up, Duration::from_millis(300));
     assert_eq!(c.reshard.delete_batch, 100);
     assert!(c.reshard.state_file.as_ref().unwrap().ends_with("job.json"));
     assert_eq!(c.routing.max_replica_lag, Duration::ZERO);

@@ -19,8 +19,6 @@ use crate::shard_map::ShardMap;
 
 /// How often the copy phase looks at progress.
 const POLL: Duration = Duration::from_millis(100);
-/// A fence row must reach the target this fast for the copy to count as caught up.
-const CAUGHT_UP: Duration = Duration::from_secs(1);
 /// How often the copy logs its progress.
 const PROGRESS_LOG: Duration = Duration::from_secs(5);
 /// A failed step is retried this often before the job fails.
@@ -273,7 +271,8 @@ impl Job {
 
     /// Phase 2: publication (with the membership row filter) on the source, a
     /// subscription with `copy_data` on the target; done when every table is synced
-    /// and a fence row reaches the target within `CAUGHT_UP`.
+    /// and a fence row reaches the target within `reshard.catch_up` (the lag, measured
+    /// as time: replication slot positions move only with the subscriber's feedback).
     async fn copy(&mut self) -> Result<Phase, Stop> {
         let pairs = self.state.plan.pairs();
         let mut links = Vec::new();
@@ -369,7 +368,7 @@ impl Job {
             if ready {
                 let mut caught_up = true;
                 for (name, src, tgt, ..) in &links {
-                    caught_up &= fence(src, tgt, name, CAUGHT_UP).await?;
+                    caught_up &= fence(src, tgt, name, self.ctx.config.reshard.catch_up).await?;
                 }
                 if caught_up {
                     return Ok(Phase::Cutover);
