@@ -67,6 +67,8 @@ fn map(version: u64, db: &str, buckets: &[(&str, u32, u32)], time: &[(&str, &str
 }
 
 const TWO_SHARDS: [(&str, u32, u32); 2] = [("s0", 0, 511), ("s1", 512, 1023)];
+/// Buckets 768-1023 of s1 on s2: the move most tests make.
+const THREE_SHARDS: [(&str, u32, u32); 3] = [("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)];
 const TIME_TWO: [(&str, &str); 2] = [("s0", "2026-01-01T00:00:00Z"), ("s1", "")];
 
 fn options() -> ProxyOptions {
@@ -297,6 +299,18 @@ async fn leftovers(shard: usize, db: &str) -> Vec<String> {
     out
 }
 
+/// Every `users` and `orders` row on the shard that owns its bucket in `map`, by the
+/// servers' own hash.
+async fn assert_on_owners(db: &str, map: &[(&str, u32, u32)]) {
+    for (name, lo, hi) in map {
+        let shard = name[1..].parse().unwrap();
+        let users = misplaced(shard, db, "users", "id", *lo, *hi).await;
+        assert_eq!(users, 0, "users on {name} outside buckets {lo}-{hi}");
+        let orders = misplaced(shard, db, "orders", "user_id", *lo, *hi).await;
+        assert_eq!(orders, 0, "orders on {name} outside buckets {lo}-{hi}");
+    }
+}
+
 /// Rows of `table` on `shard` whose `users` bucket is outside [lo, hi], by the
 /// server's own hash.
 async fn misplaced(shard: usize, db: &str, table: &str, column: &str, lo: u32, hi: u32) -> i64 {
@@ -329,12 +343,7 @@ async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let new_map = map(
-        2,
-        &db,
-        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
-        &TIME_TWO,
-    );
+    let new_map = map(2, &db, &THREE_SHARDS, &TIME_TWO);
     write_map_and_reload(&proxy, &new_map).await;
     let phase = wait_phase(
         &proxy,
@@ -385,18 +394,7 @@ async fn buckets_move_to_a_new_shard_while_writers_keep_writing() {
     );
     assert!(status.pause_ms.is_some_and(|ms| ms < 2_000), "{status:?}");
     // Every row on its owner, by the server's own hash.
-    for (shard, lo, hi) in [(0, 0, 511), (1, 512, 767), (2, 768, 1023)] {
-        assert_eq!(
-            misplaced(shard, &db, "users", "id", lo, hi).await,
-            0,
-            "users on s{shard}"
-        );
-        assert_eq!(
-            misplaced(shard, &db, "orders", "user_id", lo, hi).await,
-            0,
-            "orders on s{shard}"
-        );
-    }
+    assert_on_owners(&db, &THREE_SHARDS).await;
     // s2 got its share.
     let s2 = on_shard(2, &db).await;
     assert!(int(&s2, "SELECT count(*) FROM users").await > 4_000);
@@ -675,12 +673,7 @@ async fn a_restart_during_the_copy_resumes_the_job() {
     .await
     .expect("schema on s2");
     let lock = lock_table(2, &db, "orders").await;
-    let new_map = map(
-        2,
-        &db,
-        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
-        &TIME_TWO,
-    );
+    let new_map = map(2, &db, &THREE_SHARDS, &TIME_TWO);
     write_map_and_reload(&proxy, &new_map).await;
     wait_phase(&proxy, &["copy"], Duration::from_secs(60)).await;
     let state = format!("{}.reshard.json", proxy.map_file().display());
@@ -707,18 +700,7 @@ async fn a_restart_during_the_copy_resumes_the_job() {
     .await;
     let status = proxy.handle.frontend.reshard.status().unwrap();
     assert_eq!(phase, "done", "{status:?}");
-    for (shard, lo, hi) in [(0, 0, 511), (1, 512, 767), (2, 768, 1023)] {
-        assert_eq!(
-            misplaced(shard, &db, "users", "id", lo, hi).await,
-            0,
-            "users on s{shard}"
-        );
-        assert_eq!(
-            misplaced(shard, &db, "orders", "user_id", lo, hi).await,
-            0,
-            "orders on s{shard}"
-        );
-    }
+    assert_on_owners(&db, &THREE_SHARDS).await;
     assert_eq!(
         int(&s2, &format!("SELECT count(*) FROM users WHERE id = {id}")).await,
         1
@@ -759,12 +741,7 @@ async fn a_pinned_session_follows_the_cutover() {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
-    let new_map = map(
-        2,
-        &db,
-        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
-        &TIME_TWO,
-    );
+    let new_map = map(2, &db, &THREE_SHARDS, &TIME_TWO);
     write_map_and_reload(&proxy, &new_map).await;
     let phase = wait_phase(
         &proxy,
@@ -820,12 +797,7 @@ async fn an_open_transaction_delays_the_cutover_and_its_write_survives() {
     let (proxy, db, _serial) = setup().await;
     load_users(&proxy, 2_000).await;
     let moved = (1..=2_000).find(|i| bucket(*i) >= 768).unwrap();
-    let new_map = map(
-        2,
-        &db,
-        &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
-        &TIME_TWO,
-    );
+    let new_map = map(2, &db, &THREE_SHARDS, &TIME_TWO);
     write_map_and_reload(&proxy, &new_map).await;
     // Open on the source before the cutover: a read (no transaction id, so it does
     // not hold up the replication slots' creation), its write comes later.
@@ -890,16 +862,7 @@ async fn plan_prints_what_moves_with_estimates() {
     let old = dir.join("old.yaml");
     let new = dir.join("new.yaml");
     std::fs::write(&old, map(1, &db, &TWO_SHARDS, &TIME_TWO)).unwrap();
-    std::fs::write(
-        &new,
-        map(
-            2,
-            &db,
-            &[("s0", 0, 511), ("s1", 512, 767), ("s2", 768, 1023)],
-            &TIME_TWO,
-        ),
-    )
-    .unwrap();
+    std::fs::write(&new, map(2, &db, &THREE_SHARDS, &TIME_TWO)).unwrap();
     let run = |with_config: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"));
         if with_config {

@@ -66,6 +66,7 @@ pub fn spawn(ctx: JobContext, state: JobState) -> tokio::task::JoinHandle<()> {
         ..Status::default()
     });
     let fe = ctx.fe.clone();
+    let maps = Maps::parse(&state, &ctx.config.shard_map);
     let task = tokio::spawn(async move {
         let mut job = Job {
             ctx,
@@ -73,6 +74,7 @@ pub fn spawn(ctx: JobContext, state: JobState) -> tokio::task::JoinHandle<()> {
             cancel: rx,
             snapshots: BTreeMap::new(),
             armed_at: BTreeMap::new(),
+            maps,
         };
         job.run().await;
     });
@@ -91,6 +93,22 @@ fn join<'a>(names: impl Iterator<Item = &'a str>) -> String {
 /// connections, and the sequences to carry over.
 type Link = (String, String, String, Node, Node, Vec<String>);
 
+/// The maps a job moves between, and the one routing follows until its cutover.
+struct Maps {
+    old: ShardMap,
+    new: ShardMap,
+    interim: ShardMap,
+}
+
+impl Maps {
+    fn parse(state: &JobState, source: &std::path::Path) -> Result<Maps, String> {
+        let parse = |text: &str| ShardMap::from_yaml_str(text, source).map_err(|e| e.to_string());
+        let (old, new) = (parse(&state.old_map)?, parse(&state.new_map)?);
+        let interim = super::plan::interim_map(&old, &new);
+        Ok(Maps { old, new, interim })
+    }
+}
+
 struct Job {
     ctx: JobContext,
     state: JobState,
@@ -101,6 +119,8 @@ struct Job {
     /// Per source, the server's clock when the gate was armed: transactions older
     /// than that carry no ticket and are waited for through `pg_stat_activity`.
     armed_at: BTreeMap<String, String>,
+    /// The job's maps, parsed once from its state.
+    maps: Result<Maps, String>,
 }
 
 impl Job {
@@ -208,23 +228,18 @@ impl Job {
         }
     }
 
-    fn maps(&self) -> Result<(ShardMap, ShardMap), Stop> {
-        let source = &self.ctx.config.shard_map;
-        let parse = |text: &str| {
-            ShardMap::from_yaml_str(text, source).map_err(|e| Stop::Failed(e.to_string()))
-        };
-        Ok((parse(&self.state.old_map)?, parse(&self.state.new_map)?))
+    fn maps(&self) -> Result<&Maps, Stop> {
+        self.maps.as_ref().map_err(|e| Stop::Failed(e.clone()))
     }
 
     /// The primary of `shard` as a control connection target.
     fn primary(&self, shard: &str) -> Result<MonitorNode, Stop> {
-        let (old, new) = self.maps()?;
-        let map = super::plan::interim_map(&old, &new);
+        let map = &self.maps()?.interim;
         let spec = map
             .shards
             .get(shard)
             .ok_or_else(|| Stop::Failed(format!("shard {shard} is in neither map")))?;
-        crate::app::monitor_nodes(&self.ctx.config, &map, spec)
+        crate::app::monitor_nodes(&self.ctx.config, map, spec)
             .into_iter()
             .next()
             .ok_or_else(|| Stop::Failed(format!("shard {shard} has no primary")))
@@ -543,8 +558,9 @@ impl Job {
         self.state.cutover_lsn = floors.clone();
         self.state.phase = Phase::Verify;
         self.persist();
-        let (_, new) = self.maps()?;
-        self.ctx.publisher.publish(&new, &floors);
+        let new = &self.maps()?.new;
+        self.ctx.publisher.publish(new, &floors);
+        let version = new.version;
         gate.open();
         gate.disarm();
         let paused = started.elapsed();
@@ -555,7 +571,7 @@ impl Job {
             .update(|s| s.pause_ms = Some(paused.as_millis() as u64));
         tracing::info!(
             job = self.state.id,
-            version = new.version,
+            version,
             pause_ms = paused.as_millis() as u64,
             "reshard cutover: routing follows the new map"
         );
@@ -723,7 +739,7 @@ impl Job {
             self.persist();
             return;
         }
-        if let Ok((old, new)) = self.maps() {
+        if let Ok(Maps { old, new, .. }) = self.maps() {
             let mut restored = old.clone();
             restored.version = new.version + 1;
             restored.source = self.ctx.config.shard_map.clone();
