@@ -425,62 +425,6 @@ async fn function_call_passes_through() {
     assert_eq!(&body[4..], b"42");
 }
 
-/// The real binary on a free port, so its own memory can be read from /proc.
-struct ProxyProcess {
-    child: std::process::Child,
-    port: u16,
-    _dir: common::proxy::TempDir,
-}
-
-impl ProxyProcess {
-    async fn spawn(cluster: &common::TestCluster, opts: &ProxyOptions) -> ProxyProcess {
-        let port = shardgate::local_cluster::free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let (dir, config) = common::proxy::write_config(cluster, opts, &listen);
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .spawn()
-            .expect("start shardgate");
-        common::wait_for(
-            "the proxy binary to accept connections",
-            std::time::Duration::from_secs(20),
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
-        ProxyProcess {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// A field of /proc/<pid>/status in kB (VmRSS: now, VmHWM: peak so far).
-    fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the proxy process is alive");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Issue 10 item 3: values far larger than `limits.max_message_size` (1MB here) pass
 /// through both ways — a 200 MB bytea selected in binary format (one 200 MB DataRow), a
 /// 200 MB COPY out (one CopyData) and a 200 MB COPY in (one client CopyData) — and the
@@ -490,7 +434,12 @@ async fn values_of_200_mb_stream_through_in_bounded_proxy_memory() {
     const SIZE: usize = 200 << 20;
     const GROWTH_LIMIT_KB: u64 = 64 << 10;
     let cluster = shared_cluster();
-    let proxy = ProxyProcess::spawn(cluster, &ProxyOptions::default()).await;
+    let proxy = common::proxy::ProxyProcess::spawn(
+        cluster,
+        &common::proxy::single_shard_map(cluster),
+        &ProxyOptions::default(),
+    )
+    .await;
     let client = common::proxy::connect(&format!(
         "host=127.0.0.1 port={} user={} password={} dbname={}",
         proxy.port, cluster.app_user, cluster.app_password, cluster.database

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -15,9 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, OnceCell};
 
-use common::proxy::{
-    shard_entry, start_proxy_with_map, write_config_with_map, ProxyOptions, TempDir, TestProxy,
-};
+use common::proxy::{shard_entry, start_proxy_with_map, ProxyOptions, TestProxy};
 use common::{create_database, own_cluster, shard_clusters, superuser_client, unique_name};
 use common::{wait_for, TestCluster};
 use shardgate::protocol::messages::{self, tag};
@@ -366,63 +363,18 @@ fn next_sorted_row(row: &Frame, next_id: &mut i64) {
     *next_id += 1;
 }
 
-/// The real binary on a free port, for measuring the proxy's own memory.
-struct ProxyProcess {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl ProxyProcess {
-    fn spawn(clusters: &[TestCluster], db: &str) -> ProxyProcess {
-        let port = shardgate::local_cluster::free_port();
-        let (dir, config) = write_config_with_map(
-            &clusters[0],
-            &map(clusters, db),
-            &ProxyOptions::default(),
-            &format!("127.0.0.1:{port}"),
-        );
-        let child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start shardgate");
-        ProxyProcess {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-
-    /// A field of /proc/<pid>/status in kB (VmRSS: now, VmHWM: peak).
-    fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the proxy process is alive");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sorted_read_of_a_million_rows_streams_in_bounded_proxy_memory() {
     let db = big_database().await;
     let _turn = BIG_TABLE.lock().await;
     let clusters = shard_clusters();
     let c = &clusters[0];
-    let proxy = ProxyProcess::spawn(clusters, db);
+    let proxy = common::proxy::ProxyProcess::spawn(
+        &clusters[0],
+        &map(clusters, db),
+        &ProxyOptions::default(),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut raw = loop {
         if TcpStream::connect(("127.0.0.1", proxy.port)).await.is_ok() {

@@ -160,12 +160,7 @@ pub fn write_config(
     opts: &ProxyOptions,
     listen: &str,
 ) -> (TempDir, PathBuf) {
-    let map = format!(
-        "version: 1\ndatabase: {}\nshards:\n  s0: {}\ndefault_shard: s0\n",
-        cluster.database,
-        shard_entry(cluster),
-    );
-    write_config_with_map(cluster, &map, opts, listen)
+    write_config_with_map(cluster, &single_shard_map(cluster), opts, listen)
 }
 
 /// `{ primary: "host:port", replicas: [...] }` for a shard map.
@@ -273,4 +268,73 @@ pub fn pg_bin(name: &str) -> PathBuf {
         Ok(dir) => dir.join(name),
         Err(_) => PathBuf::from(name),
     }
+}
+
+/// The real binary on a free port, with `map` as its shard map, for tests that read the
+/// proxy's own memory from /proc. Killed on drop.
+#[allow(dead_code)]
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+#[allow(dead_code)]
+impl ProxyProcess {
+    /// Starts the binary and waits until it accepts connections.
+    pub async fn spawn(cluster: &TestCluster, map: &str, opts: &ProxyOptions) -> ProxyProcess {
+        let port = shardgate::local_cluster::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let (dir, config) = write_config_with_map(cluster, map, opts, &listen);
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shardgate"))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start shardgate");
+        super::wait_for(
+            "the proxy binary to accept connections",
+            std::time::Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        ProxyProcess {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// A field of /proc/<pid>/status in kB (VmRSS: now, VmHWM: peak so far).
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the proxy process is alive");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/<pid>/status"))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The one-shard map `write_config` uses for `cluster`.
+pub fn single_shard_map(cluster: &TestCluster) -> String {
+    format!(
+        "version: 1\ndatabase: {}\nshards:\n  s0: {}\ndefault_shard: s0\n",
+        cluster.database,
+        shard_entry(cluster),
+    )
 }
