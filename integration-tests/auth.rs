@@ -339,67 +339,6 @@ async fn a_socket_silent_past_startup_wait_is_closed() {
     }
 }
 
-/// Accepts any server certificate: the tests check what the proxy does over TLS, not
-/// its certificate.
-#[derive(Debug)]
-struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// SSLRequest, 'S', then a TLS handshake; returns the encrypted stream.
-async fn tls_connect(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&ssl_request()).await.unwrap();
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, s)
-        .await
-        .unwrap()
-}
-
 /// The next whole message from the proxy, or None once it has closed.
 async fn next_frame<S: AsyncRead + Unpin>(
     s: &mut S,
@@ -564,7 +503,7 @@ async fn plus_is_offered_over_tls_and_bound_to_the_proxys_certificate() {
         ["SCRAM-SHA-256"]
     );
     let mut inbuf = BytesMut::new();
-    let mut tls = tls_connect(proxy.addr).await;
+    let mut tls = common::tls::tls_connect(proxy.addr).await;
     assert_eq!(
         offered_mechanisms(&mut tls, &mut inbuf).await,
         ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
@@ -575,14 +514,14 @@ async fn plus_is_offered_over_tls_and_bound_to_the_proxys_certificate() {
     theirs[0] ^= 1;
     let plus = "SCRAM-SHA-256-PLUS";
     let bound = |data: &[u8]| ChannelBinding::tls_server_end_point(data.to_vec());
-    let mut tls = tls_connect(proxy.addr).await;
+    let mut tls = common::tls::tls_connect(proxy.addr).await;
     assert_eq!(
         scram_login(&mut tls, plus, bound(&theirs)).await,
         Err("08P01".into())
     );
-    let mut tls = tls_connect(proxy.addr).await;
+    let mut tls = common::tls::tls_connect(proxy.addr).await;
     assert_eq!(scram_login(&mut tls, plus, bound(&ours)).await, Ok(()));
-    let mut tls = tls_connect(proxy.addr).await;
+    let mut tls = common::tls::tls_connect(proxy.addr).await;
     let unbound = ChannelBinding::unsupported();
     assert_eq!(
         scram_login(&mut tls, "SCRAM-SHA-256", unbound).await,
@@ -617,7 +556,7 @@ async fn scram_negotiation_errors_are_refused_as_postgresql_does() {
         (plain, "n,,n=,r=abc", "continue", "continue"),
     ];
     for (mechanism, first, over_tls, without_tls) in cases {
-        let mut tls = tls_connect(proxy.addr).await;
+        let mut tls = common::tls::tls_connect(proxy.addr).await;
         assert_eq!(
             answer_to(&mut tls, mechanism, first).await,
             over_tls,

@@ -204,67 +204,6 @@ async fn start_proxy_with_limits(
     (handle, dir)
 }
 
-/// Accepts any server certificate: the tests check the proxy's behaviour over TLS, not
-/// its certificate.
-#[derive(Debug)]
-struct AnyCert(std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// SSLRequest, 'S', then a TLS handshake; returns the encrypted stream.
-async fn tls_connect(addr: std::net::SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&request(SSL_REQUEST)).await.unwrap();
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"S");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert(provider)))
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, s)
-        .await
-        .unwrap()
-}
-
 /// A client that completes TLS and then says nothing gets the login-timeout error,
 /// flushed and followed by an orderly TLS close (close_notify), not a dropped socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +214,7 @@ async fn login_timeout_error_arrives_over_tls_before_an_orderly_close() {
         ..Default::default()
     };
     let (proxy, _config) = start_proxy_with_limits(opts, "login_timeout: 2s").await;
-    let mut tls = tls_connect(proxy.local_addr).await;
+    let mut tls = common::tls::tls_connect(proxy.local_addr).await;
     let mut got = Vec::new();
     let end = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut got))
         .await

@@ -12,6 +12,7 @@
 
 pub mod proxy;
 pub mod raw;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
