@@ -605,6 +605,14 @@ async fn cancel_during_the_copy_leaves_both_sides_as_they_were() {
         .await
         .iter()
         .any(|l| l.starts_with("publication")));
+    // A write over several shards that include the target would change its copies
+    // directly and again through replication: refused while the job runs.
+    let writer = proxy.client().await;
+    let refused = writer
+        .execute("UPDATE users SET name = name || '+' WHERE id < 100", &[])
+        .await
+        .expect_err("a multi-shard write reaching the target during the job");
+    assert!(db_message(&refused).starts_with("0A000"), "{refused:?}");
     proxy.handle.frontend.reshard.cancel().expect("cancel");
     drop(lock);
     let phase = wait_phase(

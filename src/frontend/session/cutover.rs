@@ -50,7 +50,7 @@ where
                         }
                         .into());
                     }
-                    self.retake_topology();
+                    self.take_newest_topology();
                 }
             }
         }
@@ -176,17 +176,5 @@ where
         if self.server.is_none() && self.batch.is_none() {
             self.reshard_ticket = None;
         }
-    }
-
-    /// Between transactions, after waiting at the gate: route by the newest map.
-    fn retake_topology(&mut self) {
-        let current = self.fe.topology.load_full();
-        if current.generation == self.topo.generation {
-            return;
-        }
-        self.topo = current;
-        self.pools = self.fe.pools_for(&self.user, &self.topo);
-        self.next_shard = self.topo.default_shard;
-        self.server_shard = self.topo.default_shard;
     }
 }

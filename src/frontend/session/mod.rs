@@ -825,6 +825,12 @@ where
         {
             return;
         }
+        self.take_newest_topology();
+    }
+
+    /// Takes the newest topology, if it changed, while no server is held (its pools,
+    /// and the default shard as the next one).
+    fn take_newest_topology(&mut self) {
         let current = self.fe.topology.load();
         if current.generation == self.topo.generation {
             return;
