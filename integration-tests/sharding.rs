@@ -7,68 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxy::{shard_entry, start_proxy_with_map, ProxyOptions, TestProxy};
-use common::{create_database, shard_clusters, superuser_client, unique_name, wait_for};
+use common::proxy::{shard_entry, TestProxy};
+use common::sharded::{map, on_shard, setup, shard_of, BUCKETS};
+use common::{shard_clusters, wait_for};
 use tokio_postgres::SimpleQueryMessage;
-
-/// Buckets 0-511 on s0, 512-1023 on s1 (DESIGN.md 4).
-const BUCKETS: [(u32, u32); 2] = [(0, 511), (512, 1023)];
-
-fn map(database: &str) -> String {
-    let c = shard_clusters();
-    format!(
-        "version: 1
-database: {database}
-shards:
-  s0: {}
-  s1: {}
-keyspaces:
-  users:
-    type: hash
-    buckets: 1024
-    map:
-      - {{ buckets: 0-511, shard: s0 }}
-      - {{ buckets: 512-1023, shard: s1 }}
-  months:
-    type: time
-    map:
-      - {{ until: 2026-01-01T00:00:00Z, shard: s0 }}
-      - {{ from: 2026-01-01T00:00:00Z, shard: s1 }}
-tables:
-  users: {{ column: id, keyspace: users }}
-  orders: {{ column: user_id, keyspace: users }}
-  events: {{ column: created_at, keyspace: months }}
-  countries: {{ reference: true }}
-default_shard: s0
-",
-        shard_entry(&c[0]),
-        shard_entry(&c[1])
-    )
-}
-
-/// A database of its own on both shards and a proxy routing over them.
-async fn setup() -> (TestProxy, String) {
-    let clusters = shard_clusters();
-    let db = unique_name("shdb");
-    create_database(clusters, &db).await;
-    let mut proxy = start_proxy_with_map(
-        &clusters[0],
-        &map(&db),
-        ProxyOptions {
-            pool_size: 4,
-            ..Default::default()
-        },
-    )
-    .await;
-    // Clients ask for the map's database by name.
-    proxy.database = db.clone();
-    (proxy, db)
-}
-
-async fn on_shard(shard: usize, db: &str) -> tokio_postgres::Client {
-    let c = &shard_clusters()[shard];
-    superuser_client(c, c.primary.1, db).await
-}
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client
@@ -272,14 +214,6 @@ async fn keyless_and_cross_shard_writes_are_refused() {
     assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(count(&c, "SELECT count(*) FROM users").await, 0);
-}
-
-fn shard_of(id: i64) -> usize {
-    let bucket = shardgate::shard_map::hash::bucket(
-        shardgate::shard_map::hash::hashint8extended(id, 0),
-        1024,
-    );
-    usize::from(bucket >= 512)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 
 pub mod proxy;
 pub mod raw;
+pub mod sharded;
 pub mod tls;
 
 use std::future::Future;

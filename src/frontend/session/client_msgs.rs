@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Expect, Flow, Op, Session, SessionError};
+use super::{Expect, Flow, Op, PortalAnswer, Session, SessionError};
 use crate::frontend::prepared::PreparedStatement;
 use crate::frontend::session_sql;
 use crate::protocol::messages::{self, btag, tag};
@@ -16,7 +16,6 @@ use crate::routing::analyze::{StatementClass, NOT_UTF8};
 
 pub(super) const PARSE_COMPLETE: &[u8] = &[btag::PARSE_COMPLETE, 0, 0, 0, 4];
 pub(super) const CLOSE_COMPLETE: &[u8] = &[btag::CLOSE_COMPLETE, 0, 0, 0, 4];
-const READY_IDLE: &[u8] = &[btag::READY_FOR_QUERY, 0, 0, 0, 5, b'I'];
 pub(super) const BIND_COMPLETE: &[u8] = &[btag::BIND_COMPLETE, 0, 0, 0, 4];
 const NO_DATA: &[u8] = &[btag::NO_DATA, 0, 0, 0, 4];
 const NO_PARAMETERS: &[u8] = &[btag::PARAMETER_DESCRIPTION, 0, 0, 0, 6, 0, 0];
@@ -286,11 +285,17 @@ where
     async fn on_execute(&mut self, frame: &Frame) -> Result<(), SessionError> {
         let portal = frame.body().split(|&b| b == 0).next().unwrap_or_default();
         match self.target_portal.take() {
-            Some((name, mode)) if name.as_bytes() == portal => {
-                self.route.mode = mode;
-                let mut answer = bytes::BytesMut::new();
-                messages::command_complete(&mut answer, "SET");
-                self.push_synthetic_bytes(answer.freeze());
+            Some((name, answer)) if name.as_bytes() == portal => {
+                let tag = match answer {
+                    PortalAnswer::SetTarget(mode) => {
+                        self.route.mode = mode;
+                        "SET"
+                    }
+                    PortalAnswer::Begin => "BEGIN",
+                };
+                let mut out = bytes::BytesMut::new();
+                messages::command_complete(&mut out, tag);
+                self.push_synthetic_bytes(out.freeze());
                 Ok(())
             }
             other => {
@@ -495,7 +500,20 @@ where
         let bind = messages::decode_bind(frame)?;
         let stmt = self.client_statement(bind.statement);
         if let Some(mode) = stmt.as_ref().and_then(|s| s.analyzed.set_target) {
-            self.target_portal = Some((bind.portal.to_owned(), mode));
+            self.target_portal = Some((bind.portal.to_owned(), PortalAnswer::SetTarget(mode)));
+            self.push_synthetic(BIND_COMPLETE);
+            return Ok(true);
+        }
+        if let Some(stmt) = stmt.as_ref().filter(|s| self.defers_extended_begin(s)) {
+            // As a simple-query BEGIN: answered here, sent with the transaction's
+            // first statement to the shard that statement belongs to.
+            if self.deferred_parse.take().is_some() {
+                self.push_synthetic(PARSE_COMPLETE);
+            }
+            let begin = (stmt.query.clone(), *stmt.analyzed);
+            self.txn_begin = Some(begin.clone());
+            self.pending_begin = Some(begin);
+            self.target_portal = Some((bind.portal.to_owned(), PortalAnswer::Begin));
             self.push_synthetic(BIND_COMPLETE);
             return Ok(true);
         }
@@ -557,6 +575,15 @@ where
             None
         };
         let ours = match (kind, &stmt, &self.target_portal) {
+            (b'S', Some(stmt), _) if self.defers_extended_begin(stmt) => {
+                // A driver preparing BEGIN (tokio-postgres, pgjdbc): its shape is
+                // known, and no server is needed until its transaction's first
+                // statement says which shard runs it.
+                if self.deferred_parse.take().is_some() {
+                    self.push_synthetic(PARSE_COMPLETE);
+                }
+                true
+            }
             (b'S', Some(stmt), _) => stmt.analyzed.set_target.is_some(),
             (b'P', _, Some((portal, _))) => portal == name,
             _ => false,
@@ -627,8 +654,11 @@ where
             self.sout.extend_from_slice(&frame.raw);
             self.push(Op::Forward(Expect::Sync));
         } else {
-            // Nothing ran on a server since the last transaction ended: idle.
-            self.push_synthetic(READY_IDLE);
+            // Nothing ran on a server since the last transaction ended (a deferred
+            // BEGIN, or reads on other shards, may have started one).
+            let mut out = bytes::BytesMut::new();
+            messages::ready_for_query(&mut out, self.client_status());
+            self.push_synthetic_bytes(out.freeze());
         }
     }
 }

@@ -138,7 +138,9 @@ where
             Target::Refuse(_) => false,
             _ => true,
         };
-        if !touches {
+        // Reads the transaction holds open on other shards count too.
+        let holds = names(&mut self.side.iter().map(|s| s.shard));
+        if !touches && !holds {
             self.reshard_ticket = None;
         }
     }
@@ -173,7 +175,7 @@ where
     /// The statement ended without keeping a server connection (answered here, or run
     /// across shards): its ticket goes.
     pub(super) fn end_ticket_if_idle(&mut self) {
-        if self.server.is_none() && self.batch.is_none() {
+        if self.server.is_none() && self.batch.is_none() && self.side.is_empty() {
             self.reshard_ticket = None;
         }
     }

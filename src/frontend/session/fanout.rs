@@ -144,10 +144,29 @@ struct Running {
     /// The leg's final answer (CommandComplete or ErrorResponse) has been received:
     /// nothing runs on its server any more, and it must not be cancelled.
     answered: bool,
-    /// The leg runs on the session's own connection (its open transaction): never
-    /// cancelled, and the connection goes back to the session, not to the pool.
-    keep: bool,
+    /// Whose connection the leg runs on.
+    keep: Keep,
     kept: Option<PooledConn>,
+}
+
+/// Where a leg's connection goes when the leg is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Borrowed for the statement: back to its pool.
+    No,
+    /// The transaction's own connection: back to the session.
+    Own,
+    /// The transaction's connection on another shard (`side.rs`), from node `node`:
+    /// back to the transaction.
+    Side { node: usize },
+}
+
+impl Keep {
+    /// A leg inside the client's transaction: never cancelled (its connection stays
+    /// with the transaction, so it is always run to its end).
+    fn in_transaction(self) -> bool {
+        self != Keep::No
+    }
 }
 
 impl Running {
@@ -160,7 +179,7 @@ impl Running {
         };
         match task.await {
             Ok(Ok(conn)) => {
-                if self.keep {
+                if self.keep.in_transaction() {
                     self.kept = Some(conn);
                 } else if pool {
                     conn.release();
@@ -206,6 +225,13 @@ where
         legs: Vec<Leg>,
         analyzed: &Analyzed,
     ) -> Result<Option<Vec<Running>>, SessionError> {
+        // A read inside the client's transaction runs within it on every shard.
+        let transactional =
+            analyzed.class == StatementClass::Read && self.in_explicit_transaction();
+        if self.server.is_some() {
+            // The client sees answers from now on: no silent retry elsewhere.
+            self.replay = None;
+        }
         let mut running = Vec::with_capacity(legs.len());
         for leg in legs {
             let shard = leg.shard;
@@ -227,15 +253,19 @@ where
                 );
                 return Ok(None);
             }
-            let own = if self.server_shard == shard && self.server.is_some() {
+            let own = if self.server_shard == shard && self.server.is_some() && !self.describe_only
+            {
                 self.server.take()
             } else {
                 None
             };
-            let keep = own.is_some();
-            let borrowed = match own {
-                Some(conn) => Ok(conn),
-                None => self.borrow_for_leg(shard, analyzed).await,
+            let (keep, borrowed) = match own {
+                Some(conn) => (Keep::Own, Ok(conn)),
+                None if transactional => match self.side_for_leg(shard).await {
+                    Ok((node, conn)) => (Keep::Side { node }, Ok(conn)),
+                    Err(error) => (Keep::No, Err(error)),
+                },
+                None => (Keep::No, self.borrow_for_leg(shard, analyzed).await),
             };
             let conn = match borrowed {
                 Ok(conn) => conn,
@@ -274,7 +304,8 @@ where
     /// its pool if the server is idle (it is closed otherwise).
     async fn finish_legs(&mut self, legs: Vec<Running>) {
         for mut leg in legs {
-            let mut cancel = !leg.keep && !leg.done && !leg.answered && leg.task.is_some();
+            let mut cancel =
+                !leg.keep.in_transaction() && !leg.done && !leg.answered && leg.task.is_some();
             leg.rx.close();
             if cancel {
                 // Most unfinished legs are about to finish by themselves (their LIMIT
@@ -319,8 +350,11 @@ where
                 tracing::warn!(%error, shard = %self.topo.shards[leg.shard].name, "leg failed");
             }
             if let Some(conn) = leg.kept.take() {
-                // Back to the session: its transaction goes on there.
-                self.server = Some(conn);
+                // Back to the transaction: it goes on there.
+                match leg.keep {
+                    Keep::Side { node } => self.keep_side(leg.shard, node, conn),
+                    _ => self.server = Some(conn),
+                }
             }
         }
     }
@@ -335,10 +369,15 @@ where
     ) -> Result<(), SessionError> {
         let count = legs.len();
         self.fanout_failed = false;
+        let transactional = self.in_explicit_transaction();
         let Some(mut running) = self.start_legs(legs, &READ).await? else {
+            if transactional {
+                self.abort_after_failed_read().await?;
+            }
             return Ok(());
         };
         let mut merger = Merger::new(plan, count);
+        let mut merge_failed = false;
         while !merger.finished() {
             let next = (0..count).find(|&i| !running[i].done && merger.wants(i));
             let Some(i) = next.or_else(|| (0..count).find(|&i| !running[i].done)) else {
@@ -374,6 +413,7 @@ where
                     if let Err(error) = merger.push(i, &frame) {
                         tracing::warn!(%error, "cross-shard merge failed");
                         self.fanout_failed = true;
+                        merge_failed = true;
                         let (code, text) = merge_error(&error);
                         messages::error_fields(
                             &mut self.cout,
@@ -382,8 +422,7 @@ where
                             code,
                             &text,
                         );
-                        self.finish_legs(running).await;
-                        return Ok(());
+                        break;
                     }
                 }
                 None => {
@@ -405,8 +444,13 @@ where
                 break;
             }
         }
-        self.drain_merged(&mut merger, describe);
+        if !merge_failed {
+            self.drain_merged(&mut merger, describe);
+        }
         self.finish_legs(running).await;
+        if transactional {
+            self.abort_after_failed_read().await?;
+        }
         Ok(())
     }
 

@@ -14,6 +14,7 @@ mod cutover;
 mod fanout;
 mod server_msgs;
 mod sharding;
+mod side;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -109,6 +110,16 @@ struct Gate {
     client_name: Option<String>,
 }
 
+/// What the proxy answers for a portal it keeps from the servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PortalAnswer {
+    /// `SET shardgate.target = ...`: the session's routing mode.
+    SetTarget(TargetMode),
+    /// A BEGIN of a sharded map, deferred until the transaction's first statement
+    /// says which shard it runs on (as for a simple-query BEGIN).
+    Begin,
+}
+
 enum Flow {
     Continue,
     Stop,
@@ -166,6 +177,14 @@ pub struct Session<R, W> {
     /// of the transaction is known only at its first statement; it is sent (its answer
     /// hidden) on the connection that statement borrows.
     pending_begin: Option<(String, Analyzed)>,
+    /// Sharded maps: the BEGIN of the client's transaction (text and analysis), run on
+    /// the connections it holds on other shards (`side.rs`).
+    txn_begin: Option<(String, Analyzed)>,
+    /// Sharded maps: connections on other shards the client's transaction reads from.
+    side: Vec<side::Side>,
+    /// The transaction ended on its own connection: its connections on other shards
+    /// end next (COMMIT when true).
+    side_end: Option<bool>,
     /// The shard the next borrowed connection comes from (routing sets it before a
     /// transaction starts; the default shard otherwise).
     next_shard: usize,
@@ -197,9 +216,9 @@ pub struct Session<R, W> {
     skipping: bool,
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
-    /// A portal bound to `SET shardgate.target` (extended protocol): its Execute is
-    /// answered by the proxy.
-    target_portal: Option<(String, crate::routing::analyze::TargetMode)>,
+    /// A portal whose Execute the proxy answers (extended protocol): one bound to
+    /// `SET shardgate.target`, or a deferred BEGIN.
+    target_portal: Option<(String, PortalAnswer)>,
     params: SessionParams,
     startup_params: SessionParams,
     /// Session effects of statements whose transaction has not ended yet.
@@ -272,6 +291,9 @@ where
             server_shard: default_shard,
             next_shard: default_shard,
             pending_begin: None,
+            txn_begin: None,
+            side: Vec::new(),
+            side_end: None,
             batch: None,
             deferred_parse: None,
             fanout_failed: false,
@@ -378,6 +400,7 @@ where
         }
         let gated = self.gate.is_some();
         self.process_server_frames()?;
+        self.settle_side_end().await;
         if gated && self.gate.is_none() {
             // The shape check is done: the client's waiting frames go on at once.
             return Ok(Flow::Continue);
@@ -482,6 +505,7 @@ where
     async fn idle_timeout(&mut self) -> SessionError {
         let kind = self.idle.take();
         self.release_server().await;
+        self.end_sides(false).await;
         self.pending_begin = None;
         let (code, message) = match kind {
             Some(IdleLimit::InTransaction) => (
@@ -581,6 +605,10 @@ where
         }
         let mut attempt = 0;
         let shard = self.next_shard;
+        self.settle_side_end().await;
+        if !self.describing && self.adopt_side(shard) {
+            return Ok(());
+        }
         if let Err(error) = self
             .fe
             .pauses
@@ -835,10 +863,11 @@ where
         if current.generation == self.topo.generation {
             return;
         }
-        self.topo = arc_swap::Guard::into_inner(current);
+        let old = std::mem::replace(&mut self.topo, arc_swap::Guard::into_inner(current));
         self.pools = self.fe.pools_for(&self.user, &self.topo);
         self.next_shard = self.topo.default_shard;
         self.server_shard = self.topo.default_shard;
+        self.remap_sides(&old);
     }
 
     /// Transaction pooling: give the server back as soon as it is idle and we owe
@@ -908,6 +937,7 @@ where
     /// The client is gone: keep the server connection only if it is between messages
     /// (then a ROLLBACK ends any open transaction); otherwise cancel and close it.
     async fn finish(&mut self) {
+        self.end_sides(false).await;
         let between = self.ops.is_empty()
             && self.sout.is_empty()
             && self

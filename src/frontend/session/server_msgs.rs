@@ -439,6 +439,13 @@ where
         }
         let effects = std::mem::take(&mut self.pending);
         let failed = std::mem::replace(&mut self.txn_failed, false);
+        if !self.describe_only && self.pending_begin.is_none() {
+            // The client's transaction is over: so are its reads on other shards.
+            self.txn_begin = None;
+            if !self.side.is_empty() {
+                self.side_end = Some(!failed);
+            }
+        }
         let Some(conn) = self.server.as_mut() else {
             return;
         };

@@ -49,14 +49,20 @@ where
         sql: &str,
         analyzed: &Analyzed,
     ) -> Result<bool, SessionError> {
+        if matches!(analyzed.class, StatementClass::Begin { .. }) {
+            self.txn_begin = Some((sql.to_owned(), *analyzed));
+        }
         if self.server.is_none() && self.defer_transaction_control(sql, analyzed) {
+            self.settle_side_end().await;
             return Ok(true);
         }
         if matches!(
             analyzed.class,
             StatementClass::Begin { .. } | StatementClass::TxnControl | StatementClass::SessionSet
-        ) {
-            // Transaction control and session settings go with the session.
+        ) || self.in_failed_transaction()
+        {
+            // Transaction control and session settings go with the session; so does
+            // everything in a failed transaction (its server answers 25P02).
             self.next_shard = self.current_shard();
             return Ok(false);
         }
@@ -152,10 +158,14 @@ where
         stmt: &crate::frontend::prepared::PreparedStatement,
         bind: &messages::BindHead<'_>,
     ) -> Result<bool, SessionError> {
+        if matches!(stmt.analyzed.class, StatementClass::Begin { .. }) {
+            self.txn_begin = Some((stmt.query.clone(), *stmt.analyzed));
+        }
         if matches!(
             stmt.analyzed.class,
             StatementClass::Begin { .. } | StatementClass::TxnControl | StatementClass::SessionSet
-        ) {
+        ) || self.in_failed_transaction()
+        {
             self.next_shard = self.current_shard();
             return Ok(true);
         }
@@ -216,13 +226,55 @@ where
         };
         self.next_shard = one;
         if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
+            if self.reads_elsewhere(&plan) {
+                // Read on the transaction's connection on that shard (side.rs).
+                let target = Target::Shards(vec![one]);
+                return self
+                    .start_extended_fan_out(stmt, bind, &plan, &values, target)
+                    .await;
+            }
             let message = format!(
-                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
+                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard for writes)",
                 self.topo.shards[self.server_shard].name, self.topo.shards[one].name
             );
             return self.refuse_extended(&message).await;
         }
         Ok(true)
+    }
+
+    /// A read for another shard than the transaction's, inside the transaction and
+    /// with nothing else under way: it runs on the transaction's connection there.
+    fn reads_elsewhere(&self, plan: &ShardPlan) -> bool {
+        plan.is_read()
+            && !self.describe_only
+            && self.in_explicit_transaction()
+            && self.ops.is_empty()
+            && self.sout.is_empty()
+    }
+
+    /// An extended-protocol BEGIN the proxy answers and defers, as it does a
+    /// simple-query one: no server held, no transaction open, nothing owed before it
+    /// (a held-back Parse may only be the BEGIN's own).
+    pub(super) fn defers_extended_begin(
+        &self,
+        stmt: &Arc<crate::frontend::prepared::PreparedStatement>,
+    ) -> bool {
+        self.topo.sharded()
+            && matches!(stmt.analyzed.class, StatementClass::Begin { .. })
+            && stmt.raw_query.is_none()
+            && self.server.is_none()
+            && self.pending_begin.is_none()
+            && self.batch.is_none()
+            && self.ops.is_empty()
+            && self
+                .deferred_parse
+                .as_ref()
+                .is_none_or(|(_, parsed)| Arc::ptr_eq(parsed, stmt))
+    }
+
+    /// The client's transaction failed on its server (ReadyForQuery 'E').
+    fn in_failed_transaction(&self) -> bool {
+        !self.describe_only && self.server.as_ref().is_some_and(|c| c.txn_status == b'E')
     }
 
     /// Refuses an extended-protocol statement: the server of the session's current
@@ -332,8 +384,16 @@ where
         };
         self.next_shard = one;
         if self.server.is_some() && one != self.server_shard && !self.held_elsewhere(None) {
+            if self.reads_elsewhere(plan) {
+                // Read on the transaction's connection on that shard (side.rs).
+                return self.read_across(plan, vec![one], sql, values).await;
+            }
+            if plan.is_read() && self.in_explicit_transaction() {
+                let message = "a read on another shard inside a transaction must wait for the statements before it (send it after their answers)";
+                return self.refused(message).await;
+            }
             let message = format!(
-                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard)",
+                "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard for writes)",
                 self.topo.shards[self.server_shard].name, self.topo.shards[one].name
             );
             return self.refused(&message).await;
@@ -432,6 +492,10 @@ where
                     _ => return false,
                 };
                 self.pending_begin = None;
+                self.txn_begin = None;
+                if !self.side.is_empty() {
+                    self.side_end = Some(tag == "COMMIT");
+                }
                 self.answer(&[tag], b'I');
                 true
             }

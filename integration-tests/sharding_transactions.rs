@@ -1,0 +1,286 @@
+//! Explicit transactions over a sharded map, against two real shards: a transaction
+//! writes on one shard but reads from any, each other shard it reads from inside the
+//! transaction (a keyless read, or a keyed read of another shard) answers from a
+//! transaction held there until the client's ends: one snapshot per shard for
+//! REPEATABLE READ, a failed read aborts the whole transaction, nothing stays open on
+//! a server afterwards. And a driver's extended-protocol BEGIN (pgjdbc,
+//! tokio-postgres `execute("BEGIN")`) waits, like a simple-query one, for the first
+//! statement to say which shard the transaction runs on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::sharded::{on_shard, setup, shard_of};
+use common::wait_for;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+async fn scalar(c: &Client, sql: &str) -> Option<String> {
+    let messages = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_owned)),
+        _ => None,
+    })?
+}
+
+async fn count(c: &Client, sql: &str) -> i64 {
+    scalar(c, sql)
+        .await
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{sql}: no count"))
+}
+
+/// Two user ids: the first on shard s0, the second on s1.
+fn ids_on_both_shards() -> (i64, i64) {
+    let a = (1..1000).find(|&i| shard_of(i) == 0).unwrap_or(0);
+    let b = (1..1000).find(|&i| shard_of(i) == 1).unwrap_or(0);
+    (a, b)
+}
+
+/// `users` with ids 1..=n, on both shards.
+async fn users(c: &Client, n: i64) {
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let values: Vec<String> = (1..=n).map(|i| format!("({i}, 'u{i}')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        values.join(", ")
+    ))
+    .await
+    .unwrap();
+}
+
+/// Waits until no connection of database `db` is inside a transaction on either
+/// shard: the proxy ended every connection the client's transactions held.
+async fn no_open_transactions(db: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' \
+         AND state LIKE 'idle in transaction%'"
+    );
+    let shards = [on_shard(0, db).await, on_shard(1, db).await];
+    wait_for(
+        "no transaction left open on the shards",
+        Duration::from_secs(10),
+        || {
+            let shards = &shards;
+            let sql = &sql;
+            async move {
+                let mut open = 0;
+                for s in shards {
+                    let n: i64 = s.query_one(sql.as_str(), &[]).await.unwrap().get(0);
+                    open += n;
+                }
+                open == 0
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatable_read_transaction_reads_each_shard_from_one_snapshot() {
+    let (proxy, db) = setup().await;
+    let writer = proxy.client().await;
+    users(&writer, 100).await;
+    let (_, b) = ids_on_both_shards();
+    let reader = proxy.client().await;
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    assert_eq!(count(&reader, "SELECT count(*) FROM users").await, 100);
+    // Rows committed on both shards after the transaction's first read.
+    let values: Vec<String> = (1001..=1050).map(|i| format!("({i}, 'new')")).collect();
+    writer
+        .batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES {}",
+            values.join(", ")
+        ))
+        .await
+        .unwrap();
+    writer
+        .batch_execute(&format!("UPDATE users SET name = 'changed' WHERE id = {b}"))
+        .await
+        .unwrap();
+    // Every shard answers from the snapshot the transaction took there.
+    assert_eq!(count(&reader, "SELECT count(*) FROM users").await, 100);
+    assert_eq!(
+        count(&reader, "SELECT count(*) FROM users WHERE id > 1000").await,
+        0
+    );
+    assert_eq!(
+        scalar(&reader, &format!("SELECT name FROM users WHERE id = {b}")).await,
+        Some(format!("u{b}"))
+    );
+    reader.batch_execute("COMMIT").await.unwrap();
+    // (The writer reads its own writes; the reader's next read may go to a replica.)
+    assert_eq!(count(&writer, "SELECT count(*) FROM users").await, 150);
+    no_open_transactions(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_reads_keys_of_both_shards_and_writes_on_one() {
+    let (proxy, db) = setup().await;
+    let mut c = proxy.client().await;
+    users(&c, 100).await;
+    let (a, b) = ids_on_both_shards();
+    // Simple protocol: the first keyed statement puts the transaction on s0.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!("UPDATE users SET name = 'mine' WHERE id = {a}"))
+        .await
+        .unwrap();
+    let read = |id: i64| format!("SELECT name FROM users WHERE id = {id}");
+    assert_eq!(scalar(&c, &read(b)).await, Some(format!("u{b}")));
+    assert_eq!(scalar(&c, &read(a)).await, Some("mine".to_owned()));
+    assert_eq!(scalar(&c, &read(b)).await, Some(format!("u{b}")));
+    // A write on the second shard is refused, and fails the transaction as one
+    // server's error would.
+    let err = c
+        .batch_execute(&format!("UPDATE users SET name = 'x' WHERE id = {b}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let err = c.batch_execute(&read(b)).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(scalar(&c, &read(a)).await, Some(format!("u{a}")));
+
+    // Extended protocol (a driver's transaction): the first statement reads s1, the
+    // second reads s0, the write goes to s1.
+    let t = c.transaction().await.unwrap();
+    let name = |row: tokio_postgres::Row| row.get::<_, String>(0);
+    let select = "SELECT name FROM users WHERE id = $1";
+    assert_eq!(
+        name(t.query_one(select, &[&b]).await.unwrap()),
+        format!("u{b}")
+    );
+    assert_eq!(
+        name(t.query_one(select, &[&a]).await.unwrap()),
+        format!("u{a}")
+    );
+    t.execute("UPDATE users SET name = 'ext' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    assert_eq!(name(t.query_one(select, &[&b]).await.unwrap()), "ext");
+    let err = t
+        .execute("UPDATE users SET name = 'x' WHERE id = $1", &[&a])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    t.rollback().await.unwrap();
+
+    let t = c.transaction().await.unwrap();
+    t.execute("UPDATE users SET name = 'ext' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    assert_eq!(
+        name(t.query_one(select, &[&a]).await.unwrap()),
+        format!("u{a}")
+    );
+    t.commit().await.unwrap();
+    let s1 = on_shard(1, &db).await;
+    let on_s1: String = s1
+        .query_one("SELECT name FROM users WHERE id = $1", &[&b])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_s1, "ext");
+    no_open_transactions(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_on_another_shard_aborts_the_transaction() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    users(&c, 100).await;
+    let (a, b) = ids_on_both_shards();
+    // New ids on s0.
+    let mut fresh = (5000..).filter(|&i| shard_of(i) == 0);
+    let mut insert = || {
+        let id = fresh.next().unwrap_or(0);
+        format!("INSERT INTO users (id, name) VALUES ({id}, 'gone')")
+    };
+    // A keyed read on the other shard fails.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&insert()).await.unwrap();
+    let err = c
+        .batch_execute(&format!("SELECT 10 / (id - {b}) FROM users WHERE id = {b}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
+    let err = c
+        .batch_execute(&format!("SELECT name FROM users WHERE id = {a}"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    c.batch_execute("COMMIT").await.unwrap();
+    // A keyless read fails on one shard only, before the transaction has a shard.
+    c.batch_execute("BEGIN").await.unwrap();
+    let err = c
+        .batch_execute(&format!("SELECT 10 / (id - {b}) FROM users"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
+    let err = c.batch_execute(&insert()).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM users WHERE name = 'gone'").await,
+        0
+    );
+    no_open_transactions(&db).await;
+}
+
+/// tokio-postgres runs `execute("BEGIN")` through the extended protocol (Parse,
+/// Describe, Sync, then Bind, Execute, Sync), as pgjdbc does every BEGIN: the
+/// transaction must still run on the shard of its first statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_protocol_begin_runs_where_the_first_statement_belongs() {
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    users(&c, 10).await;
+    // New ids on s1 (not the default shard).
+    let mut fresh = (10_000..).filter(|&i| shard_of(i) == 1);
+    let (first, second) = (fresh.next().unwrap_or(0), fresh.next().unwrap_or(0));
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute(
+        "INSERT INTO users (id, name) VALUES ($1, 'ext-begin')",
+        &[&first],
+    )
+    .await
+    .unwrap();
+    c.execute("COMMIT", &[]).await.unwrap();
+    // The same pipelined: BEGIN, the write and COMMIT sent before any answer.
+    let begin = c.prepare("BEGIN").await.unwrap();
+    let insert = c
+        .prepare("INSERT INTO users (id, name) VALUES ($1, 'ext-begin')")
+        .await
+        .unwrap();
+    let commit = c.prepare("COMMIT").await.unwrap();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&second];
+    let (_, inserted, _) = tokio::try_join!(
+        c.execute(&begin, &[]),
+        c.execute(&insert, &params),
+        c.execute(&commit, &[]),
+    )
+    .unwrap();
+    assert_eq!(inserted, 1);
+    let s1 = on_shard(1, &db).await;
+    let n: i64 = s1
+        .query_one("SELECT count(*) FROM users WHERE name = 'ext-begin'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let s0 = on_shard(0, &db).await;
+    let elsewhere: i64 = s0
+        .query_one("SELECT count(*) FROM users WHERE name = 'ext-begin'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((n, elsewhere), (2, 0), "rows on s1 and s0");
+    no_open_transactions(&db).await;
+}
