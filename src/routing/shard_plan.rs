@@ -8,7 +8,8 @@
 //!   are numbered exactly as the analysis cache blanks them ([`literal_spans`]), so one
 //!   plan serves every text with the same cache key.
 //! - [`route`] takes one execution's values and the current map and picks the shards:
-//!   no parsing, and no allocation beyond the result and one small vector.
+//!   no parsing, and no heap allocation beyond the result's own vector (per-reference
+//!   state lives inline for statements with up to [`INLINE_REFS`] table references).
 //!
 //! Soundness rules the code relies on (each narrowing must be provable):
 //! - A condition restricts a table reference when no row of that table failing it can
@@ -32,6 +33,8 @@ mod tests;
 
 use std::ops::Range;
 
+use smallvec::SmallVec;
+
 use crate::shard_map::hash::{bucket, key_hash, KeyType, KeyValue};
 use crate::shard_map::{Keyspace, ShardMap, TableRule};
 
@@ -45,6 +48,13 @@ use values::{Raw, TIME_SLACK_MICROS};
 /// (reads to all shards, writes refused): shard sets are fixed-size bit sets so that
 /// routing does not allocate.
 pub const MAX_SHARDS: usize = 256;
+
+/// Table references per statement whose routing state stays on the stack; statements
+/// with more spill to the heap (correct, only slower).
+const INLINE_REFS: usize = 4;
+
+/// Per-table-reference state of one `route` call.
+type PerRef<T> = SmallVec<[T; INLINE_REFS]>;
 
 /// Where values come from for one execution.
 pub struct Values<'a> {
@@ -295,11 +305,12 @@ pub fn value_as_i64(src: &ValueRef, values: &Values) -> Option<i64> {
 struct ShardSet([u64; MAX_SHARDS / 64]);
 
 impl ShardSet {
+    /// Every index: the state of a sharded reference before any condition narrows it,
+    /// standing for "all shards of its keyspace" (see [`Routing::set`]).
+    const ALL: ShardSet = ShardSet([u64::MAX; MAX_SHARDS / 64]);
+
     fn insert(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);
-    }
-    fn contains(&self, i: usize) -> bool {
-        self.0[i / 64] & (1 << (i % 64)) != 0
     }
     fn and(self, o: ShardSet) -> ShardSet {
         ShardSet(std::array::from_fn(|i| self.0[i] & o.0[i]))
@@ -334,12 +345,13 @@ impl ShardSet {
     }
 }
 
-/// A table reference resolved against the map.
+/// A table reference resolved against the map (two thin pointers: per-reference state
+/// is copied around on the stack).
 #[derive(Clone, Copy)]
 enum Resolved<'m> {
     Sharded {
-        column: &'m str,
-        keyspace_name: &'m str,
+        column: &'m String,
+        /// An entry of `map.keyspaces`: the same keyspace is the same address.
         keyspace: &'m Keyspace,
     },
     Reference,
@@ -380,60 +392,75 @@ struct Routing<'p, 'm, 'v> {
     plan: &'p StatementPlan,
     map: &'m ShardMap,
     values: &'v Values<'v>,
-    resolved: Vec<Resolved<'m>>,
-    sets: Vec<ShardSet>,
+    resolved: PerRef<Resolved<'m>>,
+    /// Per sharded reference: the shards its conditions allow, [`ShardSet::ALL`] until
+    /// one narrows it. Read through [`Routing::set`], which turns `ALL` into the
+    /// keyspace's shards: every narrowing yields a subset of those (point_shards only
+    /// names shards of the keyspace's map), so intersecting with them first, as the
+    /// obvious code would, changes nothing and costs a walk of the map per reference.
+    sets: PerRef<ShardSet>,
     /// Some condition on the reference's key column was seen (writes need one).
-    keyed: Vec<bool>,
+    keyed: PerRef<bool>,
     /// Union-find parents: references linked by key equalities.
-    parent: Vec<usize>,
+    parent: PerRef<usize>,
 }
 
 fn route_statement(plan: &StatementPlan, map: &ShardMap, values: &Values) -> Target {
-    let resolved: Vec<Resolved> = plan
-        .bindings
-        .iter()
-        .map(|b| match map.tables.get(&*b.table) {
-            Some(TableRule::Sharded { column, keyspace }) => match map.keyspaces.get(keyspace) {
-                Some(ks) => Resolved::Sharded {
-                    column,
-                    keyspace_name: keyspace,
-                    keyspace: ks,
-                },
-                None => Resolved::Unmapped,
-            },
-            Some(TableRule::Reference) => Resolved::Reference,
-            None => Resolved::Unmapped,
-        })
-        .collect();
-    let any_sharded = resolved
-        .iter()
-        .any(|r| matches!(r, Resolved::Sharded { .. }));
-    if any_sharded && map.shards.len() > MAX_SHARDS {
-        return Target::Refuse(format!(
-            "shardgate routes sharded tables on at most {MAX_SHARDS} shards"
-        ));
-    }
-    let n = resolved.len();
     let mut r = Routing {
         plan,
         map,
         values,
-        sets: resolved
-            .iter()
-            .map(|res| match res {
-                Resolved::Sharded { keyspace, .. } => keyspace_shards(keyspace, map),
-                _ => ShardSet::default(),
-            })
-            .collect(),
-        resolved,
-        keyed: vec![false; n],
-        parent: (0..n).collect(),
+        resolved: PerRef::new(),
+        sets: PerRef::new(),
+        keyed: PerRef::new(),
+        parent: PerRef::new(),
     };
+    // Filled in place: collecting into a vector and moving it in copies it again.
+    for (i, b) in plan.bindings.iter().enumerate() {
+        let resolved = resolve(map, &b.table);
+        let sharded = matches!(resolved, Resolved::Sharded { .. });
+        if sharded && map.shards.len() > MAX_SHARDS {
+            return Target::Refuse(format!(
+                "shardgate routes sharded tables on at most {MAX_SHARDS} shards"
+            ));
+        }
+        r.resolved.push(resolved);
+        r.sets.push(if sharded {
+            ShardSet::ALL
+        } else {
+            ShardSet::default()
+        });
+        r.keyed.push(false);
+        r.parent.push(i);
+    }
     r.apply_filters();
     r.decide()
 }
 
+/// What the map says about a table.
+fn resolve<'m>(map: &'m ShardMap, table: &str) -> Resolved<'m> {
+    match map.tables.get(table) {
+        Some(TableRule::Sharded { column, keyspace }) => match map.keyspaces.get(keyspace) {
+            Some(keyspace) => Resolved::Sharded { column, keyspace },
+            None => Resolved::Unmapped,
+        },
+        Some(TableRule::Reference) => Resolved::Reference,
+        None => Resolved::Unmapped,
+    }
+}
+
 impl Routing<'_, '_, '_> {
+    /// The shards reference `b` may be on: its narrowed set, or its keyspace's shards
+    /// when nothing narrowed it (empty for references that are not sharded).
+    fn set(&self, b: usize) -> ShardSet {
+        match (self.sets[b], self.resolved[b]) {
+            (ShardSet::ALL, Resolved::Sharded { keyspace, .. }) => {
+                keyspace_shards(keyspace, self.map)
+            }
+            (set, _) => set,
+        }
+    }
+
     fn apply_filters(&mut self) {
         for f in &self.plan.filters {
             for &b in &f.restricts {
@@ -445,30 +472,15 @@ impl Routing<'_, '_, '_> {
                 }
             }
         }
-        // Key equalities: restrict along them until nothing changes (each pass can only
-        // shrink a set, so this ends within as many passes as there are references).
-        for _ in 0..=self.resolved.len() {
+        // Key equalities: restrict along them until a pass changes nothing. A narrowing
+        // travels at least one link per pass and sets only shrink, so that takes at most
+        // as many passes as there are references; the bound is a guard (one more than
+        // needed, since `ALL` shrinking to its keyspace's shards also counts as a change).
+        let plan = self.plan;
+        for _ in 0..=self.resolved.len() + 1 {
             let mut changed = false;
-            for f in &self.plan.filters {
-                for (x, y) in conjunct_links(&f.cond) {
-                    let (Some(bx), Some(by)) = (self.key_binding(x), self.key_binding(y)) else {
-                        continue;
-                    };
-                    if !self.same_keyspace(bx, by) {
-                        continue;
-                    }
-                    self.union(bx, by);
-                    for (to, from) in [(bx, by), (by, bx)] {
-                        if f.restricts.iter().any(|&b| usize::from(b) == to) {
-                            let narrowed = self.sets[to].and(self.sets[from]);
-                            if narrowed != self.sets[to] {
-                                self.sets[to] = narrowed;
-                                changed = true;
-                            }
-                            self.keyed[to] |= self.keyed[from];
-                        }
-                    }
-                }
+            for f in &plan.filters {
+                for_each_link(&f.cond, &mut |x, y| changed |= self.link(f, x, y));
             }
             if !changed {
                 break;
@@ -476,16 +488,34 @@ impl Routing<'_, '_, '_> {
         }
     }
 
+    /// Applies one `x = y` conjunct of filter `f`; true when a set shrank.
+    fn link(&mut self, f: &Filter, x: &ColRef, y: &ColRef) -> bool {
+        let (Some(bx), Some(by)) = (self.key_binding(x), self.key_binding(y)) else {
+            return false;
+        };
+        if !self.same_keyspace(bx, by) {
+            return false;
+        }
+        self.union(bx, by);
+        let mut changed = false;
+        for (to, from) in [(bx, by), (by, bx)] {
+            if f.restricts.iter().any(|&b| usize::from(b) == to) {
+                let narrowed = self.sets[to].and(self.sets[from]);
+                if narrowed != self.sets[to] {
+                    self.sets[to] = narrowed;
+                    changed = true;
+                }
+                self.keyed[to] |= self.keyed[from];
+            }
+        }
+        changed
+    }
+
     fn same_keyspace(&self, a: usize, b: usize) -> bool {
         match (self.resolved[a], self.resolved[b]) {
-            (
-                Resolved::Sharded {
-                    keyspace_name: x, ..
-                },
-                Resolved::Sharded {
-                    keyspace_name: y, ..
-                },
-            ) => x == y,
+            (Resolved::Sharded { keyspace: x, .. }, Resolved::Sharded { keyspace: y, .. }) => {
+                std::ptr::eq(x, y)
+            }
             _ => false,
         }
     }
@@ -601,12 +631,12 @@ impl Routing<'_, '_, '_> {
     }
 }
 
-/// Top-level `a.key = b.key` conjuncts of a condition.
-fn conjunct_links(cond: &Cond) -> Vec<(&ColRef, &ColRef)> {
+/// Calls `each` with the top-level `a.key = b.key` conjuncts of a condition.
+fn for_each_link<'c>(cond: &'c Cond, each: &mut impl FnMut(&'c ColRef, &'c ColRef)) {
     match cond {
-        Cond::ColEq(a, b) => vec![(a, b)],
-        Cond::And(parts) => parts.iter().flat_map(conjunct_links).collect(),
-        _ => Vec::new(),
+        Cond::ColEq(a, b) => each(a, b),
+        Cond::And(parts) => parts.iter().for_each(|p| for_each_link(p, each)),
+        _ => {}
     }
 }
 

@@ -1,7 +1,10 @@
 //! The last step of `route`: from the shard set of every table reference to a
 //! `Target`, per statement kind, with the refusals of DESIGN.md 5.4.
 
+use smallvec::SmallVec;
+
 use super::{Kind, Resolved, Routing, ShardSet, Target, Val};
+use crate::shard_map::Keyspace;
 
 impl Routing<'_, '_, '_> {
     pub(super) fn decide(&mut self) -> Target {
@@ -59,17 +62,19 @@ impl Routing<'_, '_, '_> {
     }
 
     fn sharded(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.resolved.len()).filter(|&b| matches!(self.resolved[b], Resolved::Sharded { .. }))
+        // Shortened to `self`'s lifetime (covariance), which is all the iterator holds.
+        let resolved: &[Resolved<'_>] = &self.resolved;
+        (0..resolved.len()).filter(move |&b| matches!(resolved[b], Resolved::Sharded { .. }))
     }
 
     fn union_all(&self) -> ShardSet {
         self.sharded()
-            .fold(ShardSet::default(), |acc, b| acc.or(self.sets[b]))
+            .fold(ShardSet::default(), |acc, b| acc.or(self.set(b)))
     }
 
     /// Why a multi-shard execution would be wrong, if it would.
     fn multi_shard_problem(&mut self) -> Option<String> {
-        let sharded: Vec<usize> = self.sharded().collect();
+        let sharded: super::PerRef<usize> = self.sharded().collect();
         let root = self.find(*sharded.first()?);
         for &b in &sharded[1..] {
             if self.find(b) != root {
@@ -148,10 +153,9 @@ impl Routing<'_, '_, '_> {
 
     /// The write target's rule, and whether the rest of the statement is compatible.
     fn update_or_delete(&mut self, target: usize, sets: &[(Box<str>, Option<Val>)]) -> Target {
-        let others: Vec<usize> = self.sharded().filter(|&b| b != target).collect();
         match self.resolved[target] {
             Resolved::Reference => {
-                if others.is_empty() {
+                if !self.sharded().any(|b| b != target) {
                     Target::All { write: true }
                 } else {
                     Target::Refuse(format!(
@@ -206,7 +210,7 @@ impl Routing<'_, '_, '_> {
     fn unmapped_write(&self) -> Target {
         let set = self.union_all();
         let default = self.default_index();
-        if (0..super::MAX_SHARDS).any(|i| set.contains(i) && i != default) {
+        if set.iter().any(|i| i != default) {
             return Target::Refuse(
                 "a write to an unsharded table that reads sharded rows outside the default shard is not supported".into(),
             );
@@ -261,41 +265,66 @@ impl Routing<'_, '_, '_> {
                 "INSERT ... SELECT into sharded table \"{table}\" is not supported; insert VALUES"
             ));
         };
-        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            let shard = row.get(pos).and_then(Option::as_ref).and_then(|v| {
-                let raw = super::values::fetch(&v.src, self.values)?;
-                let s = super::point_shards(keyspace, self.map, super::Op::Eq, raw, v)?;
-                (s.len() == 1).then(|| s.first()).flatten()
-            });
-            let Some(shard) = shard else {
+        let shards = match self.row_shards(rows, pos, keyspace) {
+            Ok(shards) => shards,
+            Err(row) => {
                 return Target::Refuse(format!(
                     "cannot tell the shard of row {} inserted into sharded table \"{table}\": its key \"{column}\" must be a literal or parameter of the key's type, not NULL (time keys: not within 16 hours of a shard boundary)",
-                    i + 1
-                ));
-            };
-            match groups.iter_mut().find(|g| g.0 == shard) {
-                Some(g) => g.1.push(i),
-                None => groups.push((shard, vec![i])),
+                    row + 1
+                ))
             }
-        }
-        groups.sort_by_key(|g| g.0);
+        };
+        let first = shards.first().copied();
+        let one_shard = shards.iter().all(|&s| Some(s) == first);
         if readers {
             let others = self
                 .sharded()
                 .filter(|&b| b != target)
-                .fold(ShardSet::default(), |acc, b| acc.or(self.sets[b]));
-            let alone = groups.len() == 1 && others.to_vec().iter().all(|&s| s == groups[0].0);
+                .fold(ShardSet::default(), |acc, b| acc.or(self.set(b)));
+            let alone = first.is_some() && one_shard && others.iter().all(|s| Some(s) == first);
             if !alone {
                 return Target::Refuse(format!(
                     "INSERT into sharded table \"{table}\" reads sharded rows of other shards"
                 ));
             }
         }
-        match groups.len() {
-            0 => Target::Default,
-            1 => Target::Shards(vec![groups[0].0]),
-            _ => Target::SplitInsert(groups),
+        match first {
+            None => Target::Default,
+            Some(shard) if one_shard => Target::Shards(vec![shard]),
+            Some(_) => Target::SplitInsert(split_rows(&shards)),
         }
     }
+
+    /// The shard of every VALUES row (its key at column `pos`), or the index of the
+    /// first row whose shard cannot be told.
+    fn row_shards(
+        &self,
+        rows: &[Vec<Option<Val>>],
+        pos: usize,
+        keyspace: &Keyspace,
+    ) -> Result<SmallVec<[usize; 8]>, usize> {
+        let mut shards = SmallVec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let shard = row.get(pos).and_then(Option::as_ref).and_then(|v| {
+                let raw = super::values::fetch(&v.src, self.values)?;
+                let s = super::point_shards(keyspace, self.map, super::Op::Eq, raw, v)?;
+                (s.len() == 1).then(|| s.first()).flatten()
+            });
+            shards.push(shard.ok_or(i)?);
+        }
+        Ok(shards)
+    }
+}
+
+/// Rows grouped by shard: per shard (sorted), its rows' indexes in VALUES order.
+fn split_rows(shards: &[usize]) -> Vec<(usize, Vec<usize>)> {
+    let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, &shard) in shards.iter().enumerate() {
+        match groups.iter_mut().find(|g| g.0 == shard) {
+            Some(g) => g.1.push(i),
+            None => groups.push((shard, vec![i])),
+        }
+    }
+    groups.sort_by_key(|g| g.0);
+    groups
 }

@@ -738,6 +738,18 @@ proptest! {
         let _ = route(&p, &map(), &values);
     }
 
+    /// The plain-digits shortcut of integer keys gives what the general parse gives.
+    #[test]
+    fn integer_shortcut_agrees(
+        text in "[ +-]{0,2}[0-9]{0,22}[ _]{0,1}",
+        wide in any::<u64>(),
+        neg in any::<i64>(),
+    ) {
+        for t in [text, wide.to_string(), neg.to_string(), format!("{:018}", wide % 1_000_000_000_000_000_000)] {
+            prop_assert_eq!(values::parse_wide_int(&t), values::parse_int_text(&t), "{:?}", t);
+        }
+    }
+
     /// `literal_spans` numbers exactly the literals the cache key blanks: as many spans
     /// as `?` the key gains (the cache's `cache_key` is private: its key is rebuilt here
     /// from the spans, and each span must be a number or a quoted string).

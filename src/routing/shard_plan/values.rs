@@ -102,7 +102,21 @@ pub(super) fn int_of(raw: Raw, val: &Val) -> Decoded<i64> {
 }
 
 /// int2/int4/int8 text input: optional sign, digits, surrounding blanks allowed.
-fn parse_wide_int(text: &str) -> Option<i128> {
+pub(super) fn parse_wide_int(text: &str) -> Option<i128> {
+    // The common literal or text parameter: up to 18 plain digits, which cannot
+    // overflow an i64. Same value as the general path below, without its i128 parse.
+    let digits = text.as_bytes();
+    if (1..=18).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
+        let v = digits
+            .iter()
+            .fold(0i64, |acc, d| acc * 10 + i64::from(d - b'0'));
+        return Some(i128::from(v));
+    }
+    parse_int_text(text)
+}
+
+/// [`parse_wide_int`] for any text.
+pub(super) fn parse_int_text(text: &str) -> Option<i128> {
     let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
     if t.is_empty() || t.contains('_') {
         return None;
