@@ -116,6 +116,15 @@ fn prepare_node() -> Result<Program, String> {
 }
 
 fn prepare_java() -> Result<Program, String> {
+    java_program("DriverTest")
+}
+
+fn prepare_java_sharded() -> Result<Program, String> {
+    java_program("ShardedTest")
+}
+
+/// `java/<class>.java` compiled against the pgjdbc jar.
+fn java_program(class: &str) -> Result<Program, String> {
     let jar = std::env::var("SHARDGATE_PGJDBC_JAR")
         .unwrap_or_else(|_| "/usr/share/java/postgresql.jar".into());
     if !Path::new(&jar).exists() {
@@ -125,7 +134,7 @@ fn prepare_java() -> Result<Program, String> {
     }
     run_setup(Command::new("java").arg("-version"))?;
     let build = common::proxy::temp_dir("shardgate-drivers-java");
-    let source = drivers_dir().join("java/DriverTest.java");
+    let source = drivers_dir().join(format!("java/{class}.java"));
     run_setup(
         Command::new("javac")
             .args(["-encoding", "UTF-8", "-cp", &jar, "-d"])
@@ -136,7 +145,7 @@ fn prepare_java() -> Result<Program, String> {
     let classpath = format!("{}:{jar}", build.0.display());
     Ok(Program {
         program: "java".into(),
-        args: vec!["-cp".into(), classpath, "DriverTest".into()],
+        args: vec!["-cp".into(), classpath, class.into()],
         cwd: drivers_dir().join("java"),
         _build_dir: Some(build),
     })
@@ -370,6 +379,51 @@ async fn node_postgres_cursor_stream_copy_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgjdbc_prepared_batch_fetch_copy_readonly() {
     drive("pgjdbc", prepare_java).await;
+}
+
+/// pgjdbc's transactions over two shards (BEGIN pipelined with the first statement,
+/// reads of other shards, REPEATABLE READ, an error aborting): the control run is one
+/// server holding every row, the proxied run a map hashing `users` over two shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_transactions_over_two_shards() {
+    let driver = "pgjdbc (sharded)";
+    let program = match tokio::task::spawn_blocking(prepare_java_sharded)
+        .await
+        .unwrap()
+    {
+        Ok(program) => program,
+        Err(reason) => return skip_or_fail(driver, &reason),
+    };
+    let cluster = shared_cluster();
+    let control_db = unique_name("jdbc_one");
+    common::create_database(std::slice::from_ref(cluster), &control_db).await;
+    let direct = Endpoint {
+        label: "direct to one server (control)".into(),
+        host: cluster.primary.0.clone(),
+        port: cluster.primary.1,
+        user: cluster.app_user.clone(),
+        password: cluster.app_password.clone(),
+        database: control_db,
+    };
+    let control = run_program(driver, &program, &direct).await;
+    assert!(control.ok, "CONTROL RUN FAILED:\n{}", control.output);
+    let (proxy, db) = common::sharded::setup().await;
+    let through = Endpoint {
+        label: "through shardgate over two shards".into(),
+        host: "127.0.0.1".into(),
+        port: proxy.port(),
+        user: proxy.user.clone(),
+        password: proxy.password.clone(),
+        database: db,
+    };
+    let proxied = run_program(driver, &program, &through).await;
+    proxy.handle.shutdown();
+    assert!(
+        proxied.ok,
+        "PROXY FAILURE: {}\n\nfull output:\n{}",
+        proxied.failed_steps().join("\n  "),
+        proxied.output
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,8 @@ async fn run_leg(
             let frame = conn.read_frame(max_len).await?;
             if frame.tag == btag::READY_FOR_QUERY {
                 conn.txn_status = frame.body().first().copied().unwrap_or(b'I');
+                // Every leg ends with a simple Query or a Sync.
+                conn.unsynced = false;
                 ready += 1;
                 if ready == leg.ready {
                     return Ok(());

@@ -185,6 +185,11 @@ where
         if self.writes_reshard_copies(&plan, &target) {
             return self.refuse_extended(WRITES_COPIES).await;
         }
+        if self.reads_beyond_own_shard(&plan, &target) {
+            // A driver sends the statement's Parse in the same batch (pgjdbc): its
+            // answer comes first, then the read runs on the other shards.
+            self.catch_up_with_server().await?;
+        }
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
             Target::Default => self.topo.default_shard,
@@ -270,6 +275,58 @@ where
                 .deferred_parse
                 .as_ref()
                 .is_none_or(|(_, parsed)| Arc::ptr_eq(parsed, stmt))
+    }
+
+    /// A read inside a transaction that needs shards other than the transaction's own.
+    fn reads_beyond_own_shard(&self, plan: &ShardPlan, target: &Target) -> bool {
+        if !plan.is_read() || self.server.is_none() || !self.in_explicit_transaction() {
+            return false;
+        }
+        match target {
+            Target::Shards(shards) => shards.iter().any(|&s| s != self.server_shard),
+            Target::All { write: false } => true,
+            Target::Default => self.topo.default_shard != self.server_shard,
+            _ => false,
+        }
+    }
+
+    /// Sends what is queued for the held server (Parse and Describe messages of the
+    /// client's open batch, which owe answers without a Sync) with a Flush, and
+    /// processes the answers, so the next statement can run elsewhere after them. Does
+    /// nothing when an Execute or Sync is still owed (the statement is then refused as
+    /// not waiting for the ones before it).
+    async fn catch_up_with_server(&mut self) -> Result<(), SessionError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answered_without_sync = self.ops.iter().all(|op| {
+            matches!(
+                op,
+                Op::Forward(Expect::Parse { .. } | Expect::Describe { .. })
+                    | Op::Hidden(Expect::Parse { .. } | Expect::Shape { .. })
+                    | Op::Synthetic(_)
+            )
+        });
+        if self.ops.is_empty() || !answered_without_sync || self.gate.is_some() {
+            return Ok(());
+        }
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        messages::empty_msg(&mut self.sout, crate::protocol::messages::tag::FLUSH);
+        let written = conn.wr.write_all(&self.sout).await;
+        conn.note_failure(written.map_err(crate::backend::BackendError::Io))?;
+        self.sout.clear();
+        while !self.ops.is_empty() {
+            let Some(conn) = self.server.as_mut() else {
+                break;
+            };
+            let conn = &mut **conn;
+            let read = conn.rd.read_buf(&mut conn.rbuf).await;
+            match conn.note_failure(read.map_err(crate::backend::BackendError::Io))? {
+                0 => return Err(crate::backend::BackendError::Closed.into()),
+                _ => self.process_server_frames()?,
+            }
+        }
+        Ok(())
     }
 
     /// The client's transaction failed on its server (ReadyForQuery 'E').
