@@ -217,6 +217,7 @@ fn sharded(c: &mut Criterion) {
             params: &params.values,
             param_formats: &params.formats,
             param_types: &types,
+            time: Default::default(),
         };
         shard_plan::route(&prepared, &map, &values)
     };

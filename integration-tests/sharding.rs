@@ -306,6 +306,101 @@ async fn time_ranges_place_rows_by_month_and_narrow_reads() {
     assert_eq!(simple_rows(&rows), vec![vec![Some("NEW".to_owned())]]);
 }
 
+/// Near a month boundary a time key is placed exactly once the proxy knows the
+/// column's type (from the catalog) and, for timestamptz without an offset, the
+/// session's TimeZone: each row lands where the server's own comparison with the
+/// map's bound says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_keys_near_a_boundary_are_placed_by_the_column_type_and_time_zone() {
+    // A timestamptz column: offsets count, and so does the session's zone.
+    let (proxy, db) = setup().await;
+    let mut c = proxy.client().await;
+    c.batch_execute("CREATE TABLE events (id int, created_at timestamptz)")
+        .await
+        .unwrap();
+    c.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    let rows = [
+        "(1, '2025-12-31 23:30:00+00')",
+        "(2, '2026-01-01 00:30:00-05')", // 05:30 UTC
+        "(3, '2025-12-31 23:30:00+05')", // 18:30 UTC the day before
+        "(4, '2025-12-31 23:59:59')",    // UTC by the session's zone
+        "(5, '2026-01-01 00:00:00')",
+    ];
+    for row in rows {
+        c.batch_execute(&format!("INSERT INTO events (id, created_at) VALUES {row}"))
+            .await
+            .unwrap_or_else(|e| panic!("{row}: {e}"));
+    }
+    // Bound parameters in binary: an instant.
+    let instant = std::time::UNIX_EPOCH + Duration::from_secs(1_767_225_600 - 60); // 2025-12-31 23:59 UTC
+    let tx = c.transaction().await.unwrap();
+    tx.execute(
+        "INSERT INTO events (id, created_at) VALUES (6, $1)",
+        &[&instant],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // In a zone with daylight saving time a naive value near the boundary is refused.
+    c.batch_execute("SET TimeZone = 'Europe/Berlin'")
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute("INSERT INTO events (id, created_at) VALUES (7, '2025-12-31 23:30:00')")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let placed = "SELECT string_agg(id::text, ',' ORDER BY id) FROM events";
+    let shard_rows = |shard: usize| {
+        let db = db.clone();
+        async move {
+            let s = on_shard(shard, &db).await;
+            let ids: Option<String> = s.query_one(placed, &[]).await.unwrap().get(0);
+            let wrong: i64 = s
+                .query_one(
+                    if shard == 0 {
+                        "SELECT count(*) FROM events WHERE created_at >= '2026-01-01T00:00:00Z'"
+                    } else {
+                        "SELECT count(*) FROM events WHERE created_at < '2026-01-01T00:00:00Z'"
+                    },
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (ids.unwrap_or_default(), wrong)
+        }
+    };
+    assert_eq!(shard_rows(0).await, ("1,3,4,6".to_owned(), 0));
+    assert_eq!(shard_rows(1).await, ("2,5".to_owned(), 0));
+    proxy.handle.shutdown();
+
+    // A timestamp column keeps the wall-clock time and ignores offsets.
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE events (id int, created_at timestamp)")
+        .await
+        .unwrap();
+    c.batch_execute("SET TimeZone = 'America/New_York'")
+        .await
+        .unwrap();
+    for row in [
+        "(1, '2025-12-31 23:30:00+05')",
+        "(2, '2026-01-01 00:30:00-05')",
+        "(3, '2025-12-31 23:59:59.999999')",
+    ] {
+        c.batch_execute(&format!("INSERT INTO events (id, created_at) VALUES {row}"))
+            .await
+            .unwrap_or_else(|e| panic!("{row}: {e}"));
+    }
+    let s0 = on_shard(0, &db).await;
+    let on_s0: Option<String> = s0.query_one(placed, &[]).await.unwrap().get(0);
+    assert_eq!(on_s0.as_deref(), Some("1,3"));
+    let s1 = on_shard(1, &db).await;
+    let on_s1: Option<String> = s1.query_one(placed, &[]).await.unwrap().get(0);
+    assert_eq!(on_s1.as_deref(), Some("2"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inserts_without_a_column_list_are_placed_by_the_tables_own_columns() {
     let (proxy, db) = setup().await;

@@ -195,6 +195,7 @@ pub fn build_frontend(
         }),
         analysis: AnalysisCache::new(config.limits.statement_cache_size),
         shard_plans: ShapeCache::new(config.limits.statement_cache_size),
+        time_columns: Default::default(),
         route_counter: Default::default(),
         pinned_sessions: Default::default(),
         route_stats: Default::default(),

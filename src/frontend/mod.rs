@@ -88,6 +88,9 @@ pub struct Frontend {
     /// Sharded maps: where each statement shape's keys are (`routing::shard_plan`).
     pub shard_plans:
         crate::routing::cache::ShapeCache<std::sync::Arc<crate::routing::shard_plan::ShardPlan>>,
+    /// Sharded maps with time keyspaces: the key columns' types and the servers'
+    /// TimeZone (`session/time_keys.rs`).
+    pub time_columns: arc_swap::ArcSwap<session::time_keys::TimeColumns>,
     /// Rotates ties between equally loaded replicas.
     pub route_counter: AtomicUsize,
     /// Clients holding their server connection between transactions because they

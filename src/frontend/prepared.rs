@@ -241,6 +241,11 @@ impl StatementRegistry {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Bumped by every [`new_epoch`](Self::new_epoch): DDL ran through the proxy.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

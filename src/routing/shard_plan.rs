@@ -42,7 +42,7 @@ pub use extract::plan;
 pub use merge::{shard_sql, ColumnSource, MergeShape, OutputColumn, SortKey};
 pub use values::literal_spans;
 
-use values::{Raw, TIME_SLACK_MICROS};
+use values::Raw;
 
 /// Maps with more shards than this route every sharded statement as unknown-key
 /// (reads to all shards, writes refused): shard sets are fixed-size bit sets so that
@@ -67,6 +67,48 @@ pub struct Values<'a> {
     pub param_formats: &'a [i16],
     /// Per parameter: type OID from Parse (0 = unspecified).
     pub param_types: &'a [u32],
+    /// What the session knows about time keys (exact placement when known).
+    pub time: TimeKeys<'a>,
+}
+
+/// The type of a table's time key column, as the catalog says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeColumn {
+    Timestamptz,
+    Timestamp,
+    Date,
+}
+
+impl TimeColumn {
+    /// From `format_type(atttypid, NULL)`; None for types time keyspaces do not take.
+    pub fn from_type_name(name: &str) -> Option<TimeColumn> {
+        match name {
+            "timestamp with time zone" => Some(TimeColumn::Timestamptz),
+            "timestamp without time zone" => Some(TimeColumn::Timestamp),
+            "date" => Some(TimeColumn::Date),
+            _ => None,
+        }
+    }
+}
+
+/// What a session knows about time keys. Without it (the default) a time value is
+/// known only to within 16 hours: PostgreSQL reads a literal differently for
+/// `timestamp` and `timestamptz` columns and by the session's TimeZone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeKeys<'a> {
+    /// Tables of time keyspaces (by their name in the map) and their key column's type.
+    pub columns: &'a [(String, TimeColumn)],
+    /// The session's TimeZone as seconds east of UTC, when it is a fixed offset (UTC).
+    pub utc_offset: Option<i32>,
+}
+
+impl TimeKeys<'_> {
+    fn column(&self, table: &str) -> Option<TimeColumn> {
+        self.columns
+            .iter()
+            .find(|(t, _)| t == table)
+            .map(|(_, c)| *c)
+    }
 }
 
 impl<'a> Values<'a> {
@@ -78,7 +120,13 @@ impl<'a> Values<'a> {
             params: &[],
             param_formats: &[],
             param_types: &[],
+            time: TimeKeys::default(),
         }
+    }
+
+    /// The same values, read with what the session knows about time keys.
+    pub fn with_time(self, time: TimeKeys<'a>) -> Values<'a> {
+        Values { time, ..self }
     }
 }
 
@@ -287,6 +335,8 @@ struct Val {
     negate: bool,
     /// Cast to `date`: the time is truncated to midnight.
     to_date: bool,
+    /// Cast explicitly: read as the cast's type, not the column's.
+    cast: bool,
 }
 
 /// The integer a [`ValueRef`] holds in one execution (LIMIT, OFFSET, `ORDER BY 2`);
@@ -296,6 +346,7 @@ pub fn value_as_i64(src: &ValueRef, values: &Values) -> Option<i64> {
         src: src.clone(),
         negate: false,
         to_date: false,
+        cast: false,
     };
     values::fetch(src, values).and_then(|raw| values::int_of(raw, &val).flatten())
 }
@@ -595,12 +646,14 @@ impl Routing<'_, '_, '_> {
                 };
                 let mut acc = Some(ShardSet::default());
                 let (map, flags) = (self.map, val);
+                let time = self.time_of_binding(b);
                 let ok = values::array_elements(raw, &mut |element| match point_shards(
                     keyspace,
                     map,
                     Op::Eq,
                     element,
                     flags,
+                    &time,
                 ) {
                     Some(s) => {
                         acc = acc.map(|a| a.or(s));
@@ -617,6 +670,15 @@ impl Routing<'_, '_, '_> {
         }
     }
 
+    /// How time values compared with reference `b`'s key are read.
+    fn time_of_binding(&self, b: usize) -> values::TimeRead<'_> {
+        values::TimeRead {
+            column: self.values.time.column(&self.plan.bindings[b].table),
+            utc_offset: self.values.time.utc_offset,
+            param_types: self.values.param_types,
+        }
+    }
+
     /// `Some` (and notes that `b` is keyed) when `col` is `b`'s key column.
     fn on_key(&mut self, col: &ColRef, b: usize) -> Option<()> {
         (self.key_binding(col) == Some(b)).then(|| self.keyed[b] = true)
@@ -627,7 +689,7 @@ impl Routing<'_, '_, '_> {
             return None;
         };
         let raw = values::fetch(&val.src, self.values)?;
-        point_shards(keyspace, self.map, op, raw, val)
+        point_shards(keyspace, self.map, op, raw, val, &self.time_of_binding(b))
     }
 }
 
@@ -663,7 +725,14 @@ fn keyspace_shards(ks: &Keyspace, map: &ShardMap) -> ShardSet {
 }
 
 /// The shards holding keys that satisfy `key <op> value`; `None` = unknown.
-fn point_shards(ks: &Keyspace, map: &ShardMap, op: Op, raw: Raw, val: &Val) -> Option<ShardSet> {
+fn point_shards(
+    ks: &Keyspace,
+    map: &ShardMap,
+    op: Op,
+    raw: Raw,
+    val: &Val,
+    time: &values::TimeRead,
+) -> Option<ShardSet> {
     let mut set = ShardSet::default();
     match ks {
         Keyspace::Hash {
@@ -687,16 +756,15 @@ fn point_shards(ks: &Keyspace, map: &ShardMap, op: Op, raw: Raw, val: &Val) -> O
             set.insert(shard_index(map, name)?);
         }
         Keyspace::Range { map: m } | Keyspace::Time { map: m } => {
-            let time = matches!(ks, Keyspace::Time { .. });
-            let v = if time {
-                values::time_of(raw, val)?
+            let v = if matches!(ks, Keyspace::Time { .. }) {
+                values::time_of(raw, val, time)?
             } else {
-                values::int_of(raw, val)?
+                values::int_of(raw, val)?.map(|v| (v, 0))
             };
-            let Some(v) = v else {
+            let Some((v, slack)) = v else {
                 return Some(set);
             };
-            let (lo, hi) = interval(op, i128::from(v), if time { TIME_SLACK_MICROS } else { 0 });
+            let (lo, hi) = interval(op, i128::from(v), slack);
             for (from, until, name) in m {
                 let from = from.map_or(i128::MIN, i128::from);
                 let until = until.map_or(i128::MAX, i128::from);

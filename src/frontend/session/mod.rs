@@ -15,6 +15,7 @@ mod fanout;
 mod server_msgs;
 mod sharding;
 mod side;
+pub(crate) mod time_keys;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;

@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::fanout::{Combine, Leg};
+use super::time_keys::time_keys;
 use super::{Expect, Op, Session, SessionError};
 use crate::merge::{AggregatePlan, MergePlan};
 use crate::protocol::messages::{self, btag};
@@ -73,7 +74,12 @@ where
             .fe
             .shard_plans
             .get_or_compute_spans(sql, &mut spans, |text| Arc::new(shard_plan::plan(text)));
-        let values = Values::simple(sql, &spans);
+        let known = self.time_keys_for(&plan).await?;
+        let time = known
+            .as_deref()
+            .map(|k| time_keys(k, self.session_utc_offset(k)))
+            .unwrap_or_default();
+        let values = Values::simple(sql, &spans).with_time(time);
         let target = shard_plan::route(&plan, &self.topo.map, &values);
         let placement = match &target {
             Target::Refuse(why) if why.contains("column list") => {
@@ -82,7 +88,7 @@ where
                     Some(named) => {
                         let plan = Arc::new(shard_plan::plan(&named));
                         let spans = shard_plan::literal_spans(&named).unwrap_or_default();
-                        let values = Values::simple(&named, &spans);
+                        let values = Values::simple(&named, &spans).with_time(time);
                         let target = shard_plan::route(&plan, &self.topo.map, &values);
                         self.place(&plan, target, &named, &values).await?
                     }
@@ -173,12 +179,18 @@ where
         let params = messages::decode_bind_params(bind.rest)?;
         let (plan, spans) = stmt.shard_plan();
         let plan = plan.clone();
+        let known = self.time_keys_for(&plan).await?;
+        let time = known
+            .as_deref()
+            .map(|k| time_keys(k, self.session_utc_offset(k)))
+            .unwrap_or_default();
         let values = Values {
             text: &stmt.query,
             literals: spans,
             params: &params.values,
             param_formats: &params.formats,
             param_types: &stmt.param_types,
+            time,
         };
         let target = shard_plan::route(&plan, &self.topo.map, &values);
         self.keep_ticket_for(&target);

@@ -184,9 +184,10 @@ impl Routing<'_, '_, '_> {
                     if **col != *column {
                         continue;
                     }
+                    let time = self.time_of_binding(target);
                     let moved = val.as_ref().and_then(|v| {
                         let raw = super::values::fetch(&v.src, self.values)?;
-                        super::point_shards(keyspace, self.map, super::Op::Eq, raw, v)
+                        super::point_shards(keyspace, self.map, super::Op::Eq, raw, v, &time)
                     });
                     match moved {
                         Some(s) if s.len() == 1 && (set.len() == 0 || s == set) => {}
@@ -265,11 +266,11 @@ impl Routing<'_, '_, '_> {
                 "INSERT ... SELECT into sharded table \"{table}\" is not supported; insert VALUES"
             ));
         };
-        let shards = match self.row_shards(rows, pos, keyspace) {
+        let shards = match self.row_shards(rows, pos, keyspace, target) {
             Ok(shards) => shards,
             Err(row) => {
                 return Target::Refuse(format!(
-                    "cannot tell the shard of row {} inserted into sharded table \"{table}\": its key \"{column}\" must be a literal or parameter of the key's type, not NULL (time keys: not within 16 hours of a shard boundary)",
+                    "cannot tell the shard of row {} inserted into sharded table \"{table}\": its key \"{column}\" must be a literal or parameter of the key's type, not NULL (time keys: within 16 hours of a shard boundary the column type must be known and, for timestamptz, the value carry a UTC offset or the session TimeZone be UTC: docs/sharding.md)",
                     row + 1
                 ))
             }
@@ -302,12 +303,14 @@ impl Routing<'_, '_, '_> {
         rows: &[Vec<Option<Val>>],
         pos: usize,
         keyspace: &Keyspace,
+        target: usize,
     ) -> Result<SmallVec<[usize; 8]>, usize> {
         let mut shards = SmallVec::with_capacity(rows.len());
+        let time = self.time_of_binding(target);
         for (i, row) in rows.iter().enumerate() {
             let shard = row.get(pos).and_then(Option::as_ref).and_then(|v| {
                 let raw = super::values::fetch(&v.src, self.values)?;
-                let s = super::point_shards(keyspace, self.map, super::Op::Eq, raw, v)?;
+                let s = super::point_shards(keyspace, self.map, super::Op::Eq, raw, v, &time)?;
                 (s.len() == 1).then(|| s.first()).flatten()
             });
             shards.push(shard.ok_or(i)?);

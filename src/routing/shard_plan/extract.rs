@@ -754,6 +754,7 @@ impl Builder<'_> {
                 src,
                 negate: false,
                 to_date: false,
+                cast: false,
             }),
             Expr::UnaryOp { op, expr } => {
                 let mut v = self.value(expr)?;
@@ -772,6 +773,7 @@ impl Builder<'_> {
                     src: self.value_ref(&t.value)?,
                     negate: false,
                     to_date: false,
+                    cast: false,
                 };
                 cast(v, &t.data_type)
             }
@@ -831,6 +833,7 @@ fn compare_op(op: &BinaryOperator) -> Option<Op> {
 /// Casts that keep a key value's meaning: to integer, text, uuid and timestamp types
 /// as is, to date with truncation. Others (numeric -> int rounds, ...) lose it.
 fn cast(mut v: Val, ty: &DataType) -> Option<Val> {
+    v.cast = true;
     match ty {
         DataType::Int(_)
         | DataType::Integer(_)

@@ -98,6 +98,7 @@ fn with_params(sql: &str, params: &[Option<&[u8]>], formats: &[i16], types: &[u3
         params,
         param_formats: formats,
         param_types: types,
+        time: Default::default(),
     };
     route(&p, &map(), &values)
 }
@@ -371,6 +372,91 @@ fn time_keyspace_bounds() {
         ),
         one(1)
     );
+}
+
+/// `sql` routed knowing the time key column's type and the session's UTC offset.
+fn timed(sql: &str, column: TimeColumn, utc_offset: Option<i32>) -> Target {
+    let columns = [("events".to_owned(), column)];
+    let p = plan(sql);
+    let spans = literal_spans(sql).unwrap_or_default();
+    let time = TimeKeys {
+        columns: &columns,
+        utc_offset,
+    };
+    route(&p, &map(), &Values::simple(sql, &spans).with_time(time))
+}
+
+#[test]
+fn time_keys_are_exact_when_the_column_type_and_zone_are_known() {
+    use TimeColumn::*;
+    let insert = |at: &str| format!("INSERT INTO events (created_at) VALUES ('{at}')");
+    // Half an hour before the boundary, with an explicit offset: exact for timestamptz.
+    assert_eq!(
+        timed(&insert("2025-12-31T23:30:00Z"), Timestamptz, None),
+        one(0)
+    );
+    assert_eq!(
+        timed(&insert("2026-01-01 00:30:00+00"), Timestamptz, None),
+        one(1)
+    );
+    // 00:30 at UTC-5 is 05:30 UTC; 23:30 at UTC+5 is 18:30 UTC the day before.
+    assert_eq!(
+        timed(&insert("2026-01-01 00:30-05"), Timestamptz, None),
+        one(1)
+    );
+    assert_eq!(
+        timed(&insert("2025-12-31 23:30+05"), Timestamptz, None),
+        one(0)
+    );
+    // Without an offset a timestamptz needs the session's zone.
+    assert!(matches!(
+        timed(&insert("2025-12-31 23:30"), Timestamptz, None),
+        Target::Refuse(_)
+    ));
+    assert_eq!(
+        timed(&insert("2025-12-31 23:30"), Timestamptz, Some(0)),
+        one(0)
+    );
+    assert_eq!(
+        timed(&insert("2026-01-01 00:00"), Timestamptz, Some(0)),
+        one(1)
+    );
+    // A timestamp (or date) column keeps the wall-clock time and ignores an offset.
+    assert_eq!(
+        timed(&insert("2025-12-31 23:30+05"), Timestamp, None),
+        one(0)
+    );
+    assert_eq!(
+        timed(&insert("2026-01-01 00:30-05"), Timestamp, None),
+        one(1)
+    );
+    assert_eq!(
+        timed(&insert("2025-12-31 23:59:59.999999"), Timestamp, None),
+        one(0)
+    );
+    assert_eq!(timed(&insert("2025-12-31"), Date, None), one(0));
+    assert_eq!(timed(&insert("2026-01-01"), Date, None), one(1));
+    // Reads narrow the same way; an explicit cast keeps the 16 hours.
+    let read = "SELECT * FROM events WHERE created_at >= '2026-01-01T00:00:00Z'";
+    assert_eq!(timed(read, Timestamptz, None), one(1));
+    let cast = "SELECT * FROM events WHERE created_at = '2025-12-31T23:00:00Z'::timestamptz";
+    assert_eq!(
+        timed(cast, Timestamptz, Some(0)),
+        Target::All { write: false }
+    );
+    // Unknown column type: as before.
+    let columns: [(String, TimeColumn); 0] = [];
+    let sql = insert("2025-12-31T23:30:00Z");
+    let p = plan(&sql);
+    let spans = literal_spans(&sql).unwrap_or_default();
+    let time = TimeKeys {
+        columns: &columns,
+        utc_offset: Some(0),
+    };
+    assert!(matches!(
+        route(&p, &map(), &Values::simple(&sql, &spans).with_time(time)),
+        Target::Refuse(_)
+    ));
 }
 
 #[test]
@@ -709,7 +795,7 @@ proptest! {
         let refs: Vec<Option<&[u8]>> = params.iter().map(|p| p.as_deref()).collect();
         let formats = vec![i16::from(fmt); refs.len()];
         let types = vec![0u32; refs.len()];
-        let values = Values { text: &sql, literals: &spans, params: &refs, param_formats: &formats, param_types: &types };
+        let values = Values { text: &sql, literals: &spans, params: &refs, param_formats: &formats, param_types: &types, time: Default::default() };
         let _ = route(&p, &map(), &values);
     }
 
@@ -734,7 +820,7 @@ proptest! {
         let p = plan(sql);
         let spans = literal_spans(sql).unwrap_or_default();
         let params = [Some(bytes.as_slice())];
-        let values = Values { text: sql, literals: &spans, params: &params, param_formats: &[fmt], param_types: &[oid] };
+        let values = Values { text: sql, literals: &spans, params: &params, param_formats: &[fmt], param_types: &[oid], time: Default::default() };
         let _ = route(&p, &map(), &values);
     }
 

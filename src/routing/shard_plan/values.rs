@@ -8,16 +8,24 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::{Val, ValueRef, Values};
+use super::{TimeColumn, Val, ValueRef, Values};
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 /// How far a time literal's instant may move with the column type and the session
-/// TimeZone (PostgreSQL accepts UTC offsets up to 15:59:59): time values are treated as
-/// `[t - 16h, t + 16h]` because the map does not say whether the column is timestamp or
-/// timestamptz, nor which TimeZone the session has.
+/// TimeZone (PostgreSQL accepts UTC offsets up to 15:59:59): a time value whose reading
+/// is not certain is treated as `[t - 16h, t + 16h]`.
 pub(super) const TIME_SLACK_MICROS: i64 = 16 * 3_600_000_000;
+
+/// How a time value compared with one table's key is read.
+pub(super) struct TimeRead<'a> {
+    /// The key column's type, when the catalog told the session.
+    pub(super) column: Option<TimeColumn>,
+    /// The session's TimeZone as seconds east of UTC, when a fixed offset.
+    pub(super) utc_offset: Option<i32>,
+    pub(super) param_types: &'a [u32],
+}
 
 const OID_INT2: u32 = 21;
 const OID_INT4: u32 = 23;
@@ -186,43 +194,86 @@ pub(super) fn parse_uuid(text: &str) -> Option<[u8; 16]> {
     (n == 16 && half.is_none()).then_some(out)
 }
 
-/// A time key as microseconds since 1970 (the map's axis), before widening.
-pub(super) fn time_of(raw: Raw, val: &Val) -> Decoded<i64> {
+/// A time key as microseconds since 1970 on the map's axis (the instant for
+/// `timestamptz`, the wall-clock time read as UTC for `timestamp` and `date`, which is
+/// how the servers compare such columns with the map's bounds), and how far it may be
+/// off (0, or [`TIME_SLACK_MICROS`] when the reading is not certain).
+///
+/// Certain: a value PostgreSQL reads as the column's own type (a literal, or a
+/// parameter whose declared type is unspecified or the column's) when the column's
+/// type is known and, for `timestamptz`, the text has an explicit offset or the
+/// session's TimeZone is a fixed offset. A `timestamp` or `date` column ignores a
+/// text's offset, as PostgreSQL does.
+pub(super) fn time_of(raw: Raw, val: &Val, time: &TimeRead) -> Decoded<(i64, i64)> {
     if val.negate {
         return None;
     }
-    let micros = match raw {
-        Raw::Null => return Some(None),
-        Raw::Text(t) => parse_time(&t)?,
-        Raw::Binary(b, oid) => match (oid, b.len()) {
-            (OID_TIMESTAMP | OID_TIMESTAMPTZ | 0, 8) => {
-                i64::from_be_bytes(b.try_into().ok()?).checked_add(PG_EPOCH_MICROS)?
-            }
-            (OID_DATE | 0, 4) => i64::from(i32::from_be_bytes(b.try_into().ok()?))
-                .checked_mul(MICROS_PER_DAY)?
-                .checked_add(PG_EPOCH_MICROS)?,
-            _ => return None,
-        },
+    let declared = match &val.src {
+        ValueRef::Param(i) => time.param_types.get(usize::from(*i)).copied().unwrap_or(0),
+        _ => 0,
     };
-    let micros = if val.to_date {
+    let column = time
+        .column
+        .filter(|c| !val.cast && (declared == 0 || declared == column_oid(*c)));
+    let (micros, certain) = match raw {
+        Raw::Null => return Some(None),
+        Raw::Text(t) => {
+            let (wall, offset) = parse_time_parts(&t)?;
+            let offset = offset.map(|secs| secs * 1_000_000);
+            match (column, offset) {
+                (Some(TimeColumn::Timestamp | TimeColumn::Date), _) => (wall, true),
+                (Some(TimeColumn::Timestamptz), Some(offset)) => (wall.checked_sub(offset)?, true),
+                (Some(TimeColumn::Timestamptz), None) => match time.utc_offset {
+                    Some(secs) => (wall.checked_sub(i64::from(secs) * 1_000_000)?, true),
+                    None => (wall, false),
+                },
+                (None, offset) => (wall.checked_sub(offset.unwrap_or(0))?, false),
+            }
+        }
+        Raw::Binary(b, oid) => (binary_time(b, oid)?, column.is_some()),
+    };
+    let to_date = val.to_date || column == Some(TimeColumn::Date);
+    let micros = if to_date {
         micros.div_euclid(MICROS_PER_DAY) * MICROS_PER_DAY
     } else {
         micros
     };
-    Some(Some(micros))
+    Some(Some((micros, if certain { 0 } else { TIME_SLACK_MICROS })))
+}
+
+fn column_oid(column: TimeColumn) -> u32 {
+    match column {
+        TimeColumn::Timestamptz => OID_TIMESTAMPTZ,
+        TimeColumn::Timestamp => OID_TIMESTAMP,
+        TimeColumn::Date => OID_DATE,
+    }
+}
+
+/// A binary timestamp, timestamptz or date as microseconds since 1970.
+fn binary_time(b: &[u8], oid: u32) -> Option<i64> {
+    match (oid, b.len()) {
+        (OID_TIMESTAMP | OID_TIMESTAMPTZ | 0, 8) => {
+            i64::from_be_bytes(b.try_into().ok()?).checked_add(PG_EPOCH_MICROS)
+        }
+        (OID_DATE | 0, 4) => i64::from(i32::from_be_bytes(b.try_into().ok()?))
+            .checked_mul(MICROS_PER_DAY)?
+            .checked_add(PG_EPOCH_MICROS),
+        _ => None,
+    }
 }
 
 /// PostgreSQL's ISO input forms: `YYYY-MM-DD`, then optionally `T` or a space and
-/// `HH:MM[:SS[.ffffff]]`, then optionally `Z` or `±HH[[:]MM]`. Anything else (`now`,
-/// `infinity`, month names, zone names, BC) is not understood: the caller then treats
-/// the value as unknown, which is always safe.
-pub(super) fn parse_time(text: &str) -> Option<i64> {
+/// `HH:MM[:SS[.ffffff]]`, then optionally `Z` or `±HH[[:]MM]`, as the wall-clock time
+/// read as UTC and the text's offset in seconds east of UTC when it has one. Anything
+/// else (`now`, `infinity`, month names, zone names, BC) is not understood: the caller
+/// then treats the value as unknown, which is always safe.
+pub(super) fn parse_time_parts(text: &str) -> Option<(i64, Option<i64>)> {
     let t = text.trim_matches(|c: char| c.is_ascii_whitespace());
     let date = t.get(..10)?;
     let day_start = crate::shard_map::time::parse_timestamp(date).ok()?;
     let rest = &t.as_bytes()[10..];
     let Some((&sep, rest)) = rest.split_first() else {
-        return Some(day_start);
+        return Some((day_start, None));
     };
     if !matches!(sep, b'T' | b't' | b' ') {
         return None;
@@ -251,7 +302,7 @@ pub(super) fn parse_time(text: &str) -> Option<i64> {
     }
     let offset = parse_offset(rest)?;
     let time = ((h * 60 + m) * 60 + s) * 1_000_000 + frac;
-    day_start.checked_add(time)?.checked_sub(offset * 1_000_000)
+    Some((day_start.checked_add(time)?, offset))
 }
 
 fn two_digits(b: &[u8]) -> Option<(i64, &[u8])> {
@@ -263,11 +314,13 @@ fn two_digits(b: &[u8]) -> Option<(i64, &[u8])> {
     }
 }
 
-/// Seconds east of UTC; 0 when absent (the value is then widened anyway).
-fn parse_offset(b: &[u8]) -> Option<i64> {
+/// Seconds east of UTC: `Some(None)` when the text has no offset, `None` when what
+/// follows the time is not an offset.
+fn parse_offset(b: &[u8]) -> Option<Option<i64>> {
     let b = b.strip_prefix(b" ").unwrap_or(b);
     match b {
-        [] | [b'Z' | b'z'] => Some(0),
+        [] => Some(None),
+        [b'Z' | b'z'] => Some(Some(0)),
         [sign @ (b'+' | b'-'), rest @ ..] => {
             let (h, rest) = two_digits(rest)?;
             let rest = rest.strip_prefix(b":").unwrap_or(rest);
@@ -285,7 +338,7 @@ fn parse_offset(b: &[u8]) -> Option<i64> {
                 return None;
             }
             let secs = h * 3600 + m * 60;
-            Some(if *sign == b'-' { -secs } else { secs })
+            Some(Some(if *sign == b'-' { -secs } else { secs }))
         }
         _ => None,
     }
