@@ -237,12 +237,18 @@ where
         let mut running = Vec::with_capacity(legs.len());
         for leg in legs {
             let shard = leg.shard;
-            if let Err(error) = self
-                .fe
-                .pauses
-                .wait_if_paused(&self.topo.shards[shard].name)
-                .await
-            {
+            // PAUSE holds new transactions; a read inside one goes on (the pause waits
+            // for that transaction to end).
+            let paused = match transactional {
+                true => Ok(()),
+                false => {
+                    self.fe
+                        .pauses
+                        .wait_if_paused(&self.topo.shards[shard].name)
+                        .await
+                }
+            };
+            if let Err(error) = paused {
                 self.finish_legs(running).await;
                 self.fanout_failed = true;
                 let text = error.to_string();
