@@ -274,6 +274,95 @@ async fn reference_tables_are_written_everywhere_or_nowhere() {
     .await;
 }
 
+/// `UPDATE ... WHERE id IN (a, b)` with `a` and `b` on two of three shards runs on
+/// those two, all or nothing (simple and extended protocol), with one combined answer.
+/// (The third shard, without keys, is shard 1's server under another name and
+/// database.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_over_two_of_three_shards_is_all_or_nothing() {
+    let clusters = shard_clusters();
+    let db = common::unique_name("shdb3");
+    common::create_database(clusters, &db).await;
+    common::create_database(&clusters[1..], &format!("{db}_s2")).await;
+    let port = clusters[1].primary.1;
+    let three = map(&db).replace(
+        "\nkeyspaces:",
+        &format!("\n  s2: {{ primary: \"postgres://localhost:{port}/{db}_s2\" }}\nkeyspaces:"),
+    );
+    let mut proxy = common::proxy::start_proxy_with_map(
+        &clusters[0],
+        &three,
+        common::proxy::ProxyOptions {
+            pool_size: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    proxy.database = db.clone();
+    let c = proxy.client().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    // The third shard's node names its own database, and the proxy uses it.
+    let s2 = common::superuser_client(&clusters[1], port, &format!("{db}_s2")).await;
+    assert_eq!(
+        count(
+            &s2,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'users'"
+        )
+        .await,
+        1
+    );
+    let a = (1..100).find(|&i| shard_of(i) == 0).unwrap_or(0);
+    let b = (1..100).find(|&i| shard_of(i) == 1).unwrap_or(0);
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')"
+    ))
+    .await
+    .unwrap();
+    // Only shard 1 refuses the new name.
+    on_shard(1, &db)
+        .await
+        .batch_execute("ALTER TABLE users ADD CONSTRAINT short CHECK (length(name) < 5)")
+        .await
+        .unwrap();
+    let err = c
+        .batch_execute(&format!(
+            "UPDATE users SET name = 'too long' WHERE id IN ({a}, {b})"
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
+    let err = c
+        .execute(
+            "UPDATE users SET name = $1 WHERE id = ANY($2)",
+            &[&"too long", &vec![a, b]],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("23514"), "{err}");
+    let s0 = on_shard(0, &db).await;
+    let name: String = s0
+        .query_one("SELECT name FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "a", "shard 0 kept its row as it was");
+    // When every shard can, every shard does; the count adds up.
+    let rows = c
+        .simple_query(&format!(
+            "UPDATE users SET name = 'ok' WHERE id IN ({a}, {b}) RETURNING id"
+        ))
+        .await
+        .unwrap();
+    let tag = rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::CommandComplete(n) => Some(*n),
+        _ => None,
+    });
+    assert_eq!(tag, Some(2));
+    assert_eq!(simple_rows(&rows).len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_ranges_place_rows_by_month_and_narrow_reads() {
     let (proxy, db) = setup().await;

@@ -84,6 +84,7 @@ fn backend_node(addr: &NodeAddr) -> BackendNode {
         port: addr.port,
         user: addr.user.clone(),
         password: addr.password.clone(),
+        database: addr.dbname.clone(),
     }
 }
 

@@ -88,6 +88,8 @@ pub struct BackendNode {
     pub port: u16,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// The node's own database (`postgres://host:port/dbname`); the map's otherwise.
+    pub database: Option<String>,
 }
 
 /// One shard as the data path uses it.

@@ -145,8 +145,9 @@ impl Frontend {
         topology.shards[topology.default_shard].fresh.clone()
     }
 
-    /// The server identity a client's pool connects with: credentials from the node
-    /// address when it has them, otherwise the client's own.
+    /// The server identity a client's pool connects with: credentials and database
+    /// from the node address when it has them, otherwise the client's own and the
+    /// map's (as the monitor and the reshard job connect).
     pub fn server_target(&self, user: &str, node: &BackendNode) -> ServerTarget {
         let password = node
             .password
@@ -157,7 +158,10 @@ impl Frontend {
             port: node.port,
             user: node.user.clone().unwrap_or_else(|| user.to_owned()),
             password,
-            database: self.settings.database.clone(),
+            database: node
+                .database
+                .clone()
+                .unwrap_or_else(|| self.settings.database.clone()),
         }
     }
 }

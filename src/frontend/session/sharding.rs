@@ -426,6 +426,17 @@ where
                 let message = "a statement over several shards cannot run inside a transaction (a transaction stays on one shard)";
                 return self.refused(message).await;
             }
+            Target::Shards(shards) if !plan.is_read() => {
+                // A keyed write whose keys are on several shards (`id IN (1, 2)`): all
+                // or nothing, as a write on every shard is.
+                let legs = shards
+                    .into_iter()
+                    .map(|shard| Leg::simple(shard, sql))
+                    .collect();
+                self.fan_out_write(legs, Combine::Sum).await?;
+                self.ready_idle();
+                return Ok(Placement::Answered);
+            }
             Target::Shards(shards) => return self.read_across(plan, shards, sql, values).await,
             Target::All { write: false } => {
                 let all = (0..self.topo.shards.len()).collect();
