@@ -687,6 +687,57 @@ async fn session_characteristics_read_only_follows_the_client() {
         .unwrap();
 }
 
+/// tokio-postgres returns a statement's error at its ErrorResponse and may send the
+/// next query before the ReadyForQuery has arrived: the SET behind the failed statement
+/// must still become the session's setting (it used to be counted in the failed
+/// statement's transaction and dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_sent_behind_a_failing_statement_is_kept() {
+    let cluster = shared_cluster();
+    let proxy = start_proxy(
+        cluster,
+        ProxyOptions {
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let name = unique_name("behind");
+    let mut a = Raw::connect(&proxy).await;
+    a.query("SELECT 1/0")
+        .query(&format!("SET application_name = '{name}'"));
+    a.send().await;
+    let first = a.read_until(b'Z').await;
+    assert_eq!(error_code(&first).as_deref(), Some("22012"));
+    let second = a.read_until(b'Z').await;
+    assert_eq!(error_code(&second), None, "{}", tags(&second));
+    // Another client in between: the one server connection serves it with its own
+    // settings, so the next statement must have the SET replayed.
+    let other = proxy.client().await;
+    other.batch_execute("SELECT 1").await.unwrap();
+    a.query("SHOW application_name");
+    a.send().await;
+    let shown = a.read_until(b'Z').await;
+    assert_eq!(rows(&shown), [row(&[Some(&name)])]);
+    // The same in the extended protocol: two batches in one write.
+    let second_name = unique_name("behind_ext");
+    a.parse("", "SELECT 1/0").bind("", "").execute("", 0).sync();
+    a.parse("", &format!("SET application_name = '{second_name}'"))
+        .bind("", "")
+        .execute("", 0)
+        .sync();
+    a.send().await;
+    let first = a.read_until(b'Z').await;
+    assert_eq!(error_code(&first).as_deref(), Some("22012"));
+    let second = a.read_until(b'Z').await;
+    assert_eq!(error_code(&second), None, "{}", tags(&second));
+    other.batch_execute("SELECT 1").await.unwrap();
+    a.query("SHOW application_name");
+    a.send().await;
+    let shown = a.read_until(b'Z').await;
+    assert_eq!(rows(&shown), [row(&[Some(&second_name)])]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_streamed_without_waiting_leaves_the_session_in_step() {
     let cluster = shared_cluster();

@@ -253,7 +253,7 @@ where
         if let Some(conn) = self.server.as_mut() {
             conn.tainted |= effects.taints;
         }
-        self.pending.extend(effects.effects);
+        self.add_effects(effects.effects);
         self.sout.extend_from_slice(&frame.raw);
         self.push(Op::Forward(Expect::Query));
         Ok(())
@@ -560,7 +560,9 @@ where
         if let Some(conn) = self.server.as_mut() {
             conn.tainted |= stmt.effects.taints;
         }
-        self.pending.extend(stmt.effects.effects.iter().cloned());
+        if !stmt.effects.effects.is_empty() {
+            self.add_effects(stmt.effects.effects.clone());
+        }
         self.push(Op::Forward(Expect::Bind {
             stmt: Some(stmt.id),
         }));

@@ -224,6 +224,11 @@ pub struct Session<R, W> {
     startup_params: SessionParams,
     /// Session effects of statements whose transaction has not ended yet.
     pending: Vec<SessionEffect>,
+    /// Session effects of statements sent while ReadyForQuerys of earlier ones were
+    /// still owed (a pipelining client; tokio-postgres sends its next query as soon as
+    /// an ErrorResponse arrives): each joins `pending` once that many have come, so it
+    /// counts in its own transaction, not in the one still ending.
+    later: VecDeque<(usize, Vec<SessionEffect>)>,
     txn_failed: bool,
     /// The server is in COPY FROM STDIN: it ignores Sync and Flush until CopyDone or
     /// CopyFail, so those owe no answer.
@@ -326,6 +331,7 @@ where
             startup_params: init.params.clone(),
             params: init.params,
             pending: Vec::new(),
+            later: VecDeque::new(),
             txn_failed: false,
             copy_in: false,
             copy_ended_early: 0,
@@ -439,6 +445,7 @@ where
         self.gate = None;
         self.sout.clear();
         self.pending.clear();
+        self.later.clear();
         self.skipping = false;
         self.copy_in = false;
         self.copy_ended_early = 0;
@@ -734,6 +741,7 @@ where
                 && !conn.ran_since_sync
                 && conn.txn_status == b'I'
                 && self.pending.is_empty()
+                && self.later.is_empty()
                 && !self.pinned
         })
     }

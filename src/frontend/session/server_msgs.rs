@@ -419,12 +419,63 @@ where
         }
     }
 
+    /// Records the session effects of a statement being sent. With ReadyForQuerys of
+    /// earlier statements still owed, they wait for those (`later`): the transaction
+    /// ending at the next one is not theirs.
+    pub(super) fn add_effects(&mut self, effects: Vec<SessionEffect>) {
+        if effects.is_empty() {
+            return;
+        }
+        match self.readies_owed() {
+            0 => self.pending.extend(effects),
+            owed => self.later.push_back((owed, effects)),
+        }
+    }
+
+    /// ReadyForQuerys the server still owes for what was sent to it.
+    fn readies_owed(&self) -> usize {
+        self.ops
+            .iter()
+            .filter(|op| {
+                matches!(
+                    op,
+                    Op::Forward(Expect::Sync | Expect::Query | Expect::FunctionCall)
+                        | Op::Hidden(Expect::Sync | Expect::Query | Expect::FunctionCall)
+                )
+            })
+            .count()
+    }
+
+    /// At a ReadyForQuery: the `later` effects whose statements come right after it.
+    fn effects_now_due(&mut self) -> Vec<SessionEffect> {
+        if self.later.is_empty() {
+            return Vec::new();
+        }
+        let none_owed = self.readies_owed() == 0;
+        let mut due = Vec::new();
+        for entry in self.later.iter_mut() {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+        while let Some((owed, _)) = self.later.front() {
+            if *owed > 0 && !none_owed {
+                break;
+            }
+            if let Some((_, effects)) = self.later.pop_front() {
+                due.extend(effects);
+            }
+        }
+        due
+    }
+
     /// At ReadyForQuery 'I' the transaction is over: its session effects become the
     /// client's settings (and are known to be on this server), or vanish with a
     /// rollback. When a rollback may have undone only part of them, the server is
     /// marked for DISCARD ALL rather than guessed about.
     fn on_ready(&mut self, status: u8) {
+        // Effects of statements sent behind this ReadyForQuery belong to what follows.
+        let behind = self.effects_now_due();
         if status != b'I' {
+            self.pending.extend(behind);
             return;
         }
         if self.ops.is_empty() && self.sout.is_empty() {
@@ -437,7 +488,7 @@ where
             // Committed (or rolled back) now: statements prepared from here on see it.
             self.fe.statements.new_epoch();
         }
-        let effects = std::mem::take(&mut self.pending);
+        let effects = std::mem::replace(&mut self.pending, behind);
         let failed = std::mem::replace(&mut self.txn_failed, false);
         if !self.describe_only && self.pending_begin.is_none() {
             // The client's transaction is over: so are its reads on other shards.
