@@ -484,7 +484,10 @@ where
             // ticket with its next statement).
             self.reshard_ticket = None;
         }
-        if std::mem::take(&mut self.ddl_pending) {
+        // A DDL statement pipelined behind this one has not run yet: its epoch starts
+        // at a later ReadyForQuery (late is safe, early is not).
+        if self.ddl_pending && self.readies_owed() == 0 {
+            self.ddl_pending = false;
             // Committed (or rolled back) now: statements prepared from here on see it.
             self.fe.statements.new_epoch();
         }
