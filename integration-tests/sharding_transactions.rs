@@ -284,3 +284,281 @@ async fn an_extended_protocol_begin_runs_where_the_first_statement_belongs() {
     assert_eq!((n, elsewhere), (2, 0), "rows on s1 and s0");
     no_open_transactions(&db).await;
 }
+
+/// asyncpg (and other drivers that prepare with Flush) send Parse/Describe/Flush, wait
+/// for the description, then Bind/Execute/Sync: the connection that described the
+/// statement is held but ran nothing, so a statement over both shards is not "inside
+/// a transaction" and runs (it used to be refused with 0A000 when that connection was
+/// the primary). Both with the Describe on a replica (auto) and on the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_with_flush_runs_over_both_shards() {
+    use bytes::{BufMut, BytesMut};
+    use shardgate::protocol::messages::{self, put_msg};
+    use tokio::io::AsyncWriteExt;
+
+    let (proxy, _db) = setup().await;
+    let c = proxy.client().await;
+    users(&c, 40).await;
+    c.batch_execute("CREATE TABLE countries (code text PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    // A new session reads from replicas: wait until they replayed the setup.
+    for (shard, cluster) in common::shard_clusters().iter().enumerate() {
+        let lsn: String = on_shard(shard, &_db)
+            .await
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        for (_, port) in &cluster.replicas {
+            let replica = common::superuser_client(cluster, *port, &_db).await;
+            wait_for(
+                "the replica replays the setup",
+                Duration::from_secs(20),
+                || {
+                    let (replica, lsn) = (&replica, &lsn);
+                    async move {
+                        replica
+                            .query_one(
+                                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                                &[lsn],
+                            )
+                            .await
+                            .is_ok_and(|r| r.get::<_, bool>(0))
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    for mode in ["auto", "primary"] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        common::raw::login(&mut s, &proxy).await;
+        let mut inbuf = BytesMut::new();
+        let mut out = BytesMut::new();
+        messages::query(&mut out, &format!("SET shardgate.target = {mode}"));
+        s.write_all(&out).await.unwrap();
+        read_until_any(&mut s, &mut inbuf, b"Z").await;
+        let statements = [
+            ("SELECT count(*) FROM users", "X"),
+            ("SELECT count(*) FROM users", "Q"),
+            ("INSERT INTO countries (code, name) VALUES ('x1', 'one') ON CONFLICT (code) DO UPDATE SET name = 'again'", "X"),
+            ("SELECT name FROM users ORDER BY id DESC LIMIT 1", "Q"),
+            // Keyed, one row on each shard: the describing connection's shard or not.
+            ("SELECT name FROM users WHERE id = $1", "K0"),
+            ("SELECT name FROM users WHERE id = $1", "K1"),
+        ];
+        for (sql, how) in statements {
+            // The prepare, as asyncpg does it.
+            out.clear();
+            messages::parse(&mut out, "", sql, &[]);
+            put_msg(&mut out, b'D', |b| {
+                b.put_u8(b'S');
+                b.put_u8(0);
+            });
+            messages::empty_msg(&mut out, b'H');
+            s.write_all(&out).await.unwrap();
+            out.clear();
+            // ParameterDescription, then RowDescription or NoData.
+            let described = read_until_any(&mut s, &mut inbuf, b"TnE").await;
+            assert!(
+                !described.iter().any(|(t, _)| *t == b'E'),
+                "{mode} {sql}: describe failed: {described:?}"
+            );
+            if how == "Q" {
+                // A simple query next, with the described statement left unused.
+                messages::query(&mut out, sql);
+            } else {
+                let key = match how {
+                    "K0" => Some(ids_on_both_shards().0),
+                    "K1" => Some(ids_on_both_shards().1),
+                    _ => None,
+                };
+                put_msg(&mut out, b'B', |b| {
+                    b.put_u8(0); // portal
+                    b.put_u8(0); // statement
+                    b.put_i16(0); // parameter formats: text
+                    match key {
+                        Some(id) => {
+                            let text = id.to_string();
+                            b.put_i16(1);
+                            b.put_i32(text.len() as i32);
+                            b.put_slice(text.as_bytes());
+                        }
+                        None => b.put_i16(0),
+                    }
+                    b.put_i16(0);
+                });
+                put_msg(&mut out, b'E', |b| {
+                    b.put_u8(0);
+                    b.put_i32(0);
+                });
+                messages::empty_msg(&mut out, b'S');
+            }
+            s.write_all(&out).await.unwrap();
+            let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
+            let errors: Vec<String> = got
+                .iter()
+                .filter(|(t, _)| *t == b'E')
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+                .collect();
+            assert!(errors.is_empty(), "{mode} {sql} ({how}): {errors:?}");
+            if let Some(id) = how.strip_prefix('K').map(|_| match how {
+                "K0" => ids_on_both_shards().0,
+                _ => ids_on_both_shards().1,
+            }) {
+                let rows: Vec<&Vec<u8>> = got
+                    .iter()
+                    .filter(|(t, _)| *t == b'D')
+                    .map(|(_, b)| b)
+                    .collect();
+                let want = format!("u{id}");
+                assert!(
+                    rows.len() == 1 && rows[0].ends_with(want.as_bytes()),
+                    "{mode} {sql} ({how}, id {id}): rows {rows:?}, all {got:?}"
+                );
+            }
+            if sql.starts_with("SELECT count") {
+                let row = got.iter().find(|(t, _)| *t == b'D').expect("a row");
+                assert!(row.1.ends_with(b"40"), "{mode} {sql}: {:?}", row.1);
+            }
+            assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+        }
+    }
+    for shard in 0..2 {
+        let name: String = on_shard(shard, &_db)
+            .await
+            .query_one("SELECT name FROM countries WHERE code = 'x1'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, "again", "shard {shard}");
+    }
+    no_open_transactions(&_db).await;
+}
+
+/// Reads messages until one whose tag is in `tags` (inclusive).
+async fn read_until_any(
+    s: &mut tokio::net::TcpStream,
+    inbuf: &mut bytes::BytesMut,
+    tags: &[u8],
+) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    loop {
+        while let Some(f) = shardgate::protocol::decode_frame(inbuf, 1 << 30).unwrap() {
+            let done = tags.contains(&f.tag);
+            out.push((f.tag, f.body().to_vec()));
+            if done {
+                return out;
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(20), s.read_buf(inbuf))
+            .await
+            .unwrap_or_else(|_| panic!("nothing within 20 s after {out:?}"))
+            .unwrap();
+        assert!(read > 0, "closed after {out:?}");
+    }
+}
+
+/// Bind/Execute of one statement row after row and a single Sync, as asyncpg's and
+/// psycopg 3's `executemany` and pgjdbc's `executeBatch` send them outside a
+/// transaction: one implicit transaction whose rows belong to both shards. Each row
+/// lands on its shard; when one fails, none of the batch stays on either shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_rows_for_both_shards_runs_as_one() {
+    use bytes::{BufMut, BytesMut};
+    use shardgate::protocol::messages::{self, put_msg};
+    use tokio::io::AsyncWriteExt;
+
+    let (proxy, db) = setup().await;
+    let c = proxy.client().await;
+    users(&c, 4).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    common::raw::login(&mut s, &proxy).await;
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let batch = |out: &mut BytesMut, ids: &[i64], tag: &str| {
+        messages::parse(
+            out,
+            "ins",
+            "INSERT INTO users (id, name) VALUES ($1, $2)",
+            &[],
+        );
+        for id in ids {
+            put_msg(out, b'B', |b| {
+                b.put_u8(0);
+                b.put_slice(b"ins\0");
+                b.put_i16(0);
+                b.put_i16(2);
+                for value in [id.to_string(), format!("{tag}{id}")] {
+                    b.put_i32(value.len() as i32);
+                    b.put_slice(value.as_bytes());
+                }
+                b.put_i16(0);
+            });
+            put_msg(out, b'E', |b| {
+                b.put_u8(0);
+                b.put_i32(0);
+            });
+        }
+        messages::empty_msg(out, b'S');
+        put_msg(out, b'C', |b| {
+            b.put_u8(b'S');
+            b.put_slice(b"ins\0");
+        });
+        messages::empty_msg(out, b'S');
+    };
+    // Alternating shards, coming back to each more than once.
+    let mut on: [Vec<i64>; 2] =
+        [0, 1].map(|shard| (100..).filter(|&i| shard_of(i) == shard).take(8).collect());
+    let ids: Vec<i64> = (0..8).map(|i| on[i % 2].pop().unwrap_or(0)).collect();
+    batch(&mut out, &ids, "ok");
+    s.write_all(&out).await.unwrap();
+    let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
+    let completes: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| matches!(*t, b'C' | b'E'))
+        .map(|(t, b)| format!("{}{}", *t as char, String::from_utf8_lossy(b)))
+        .collect();
+    assert_eq!(completes, vec!["CINSERT 0 1\0"; 8], "{got:?}");
+    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    read_until_any(&mut s, &mut inbuf, b"Z").await;
+    for shard in 0..2 {
+        let n = count(
+            &on_shard(shard, &db).await,
+            "SELECT count(*) FROM users WHERE name LIKE 'ok%'",
+        )
+        .await;
+        assert_eq!(n, 4, "shard {shard}");
+    }
+    // The same with the last row failing (its id exists): nothing of it stays.
+    let mut failing: Vec<i64> = (0..7).map(|i| on[i % 2].pop().unwrap_or(0)).collect();
+    failing.push(ids[1]);
+    out.clear();
+    batch(&mut out, &failing, "bad");
+    s.write_all(&out).await.unwrap();
+    let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
+    let codes: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert!(
+        codes.len() == 1 && codes[0].contains("C23505"),
+        "one unique violation: {got:?}"
+    );
+    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    read_until_any(&mut s, &mut inbuf, b"Z").await;
+    for shard in 0..2 {
+        let n = count(
+            &on_shard(shard, &db).await,
+            "SELECT count(*) FROM users WHERE name LIKE 'bad%'",
+        )
+        .await;
+        assert_eq!(n, 0, "shard {shard} keeps nothing of the failed batch");
+    }
+    // The session goes on, and nothing is left open on the servers.
+    assert_eq!(count(&c, "SELECT count(*) FROM users").await, 12);
+    no_open_transactions(&db).await;
+}

@@ -133,6 +133,10 @@ where
             self.describing = false;
             borrowed?;
         }
+        if !self.parked.is_empty() && matches!(frame.tag, tag::SYNC | tag::QUERY) && !self.copy_in {
+            // The end of a batch that ran on several shards (parked.rs).
+            self.end_parked().await?;
+        }
         {
             match frame.tag {
                 tag::QUERY => self.on_query(frame).await?,
@@ -476,7 +480,7 @@ where
     /// The client binds (or describes) a statement whose shape changed: make the
     /// server fail the current transaction as PostgreSQL fails a stale prepared
     /// statement; the error the client sees is PostgreSQL's own (server_msgs.rs).
-    fn raise_stale(&mut self) {
+    pub(super) fn raise_stale(&mut self) {
         let Some(conn) = self.server.as_mut() else {
             return;
         };

@@ -12,6 +12,7 @@ mod batch;
 mod client_msgs;
 mod cutover;
 mod fanout;
+mod parked;
 mod server_msgs;
 mod sharding;
 mod side;
@@ -186,6 +187,12 @@ pub struct Session<R, W> {
     /// The transaction ended on its own connection: its connections on other shards
     /// end next (COMMIT when true).
     side_end: Option<bool>,
+    /// Sharded maps: connections holding earlier parts of the client's implicit
+    /// transaction (its extended-protocol batch) on other shards (`parked.rs`).
+    parked: Vec<side::Side>,
+    /// The error the client sees when the proxy's Raise fails the batch, instead of
+    /// the stale-statement one (`parked.rs`).
+    raise_with: Option<Bytes>,
     /// The shard the next borrowed connection comes from (routing sets it before a
     /// transaction starts; the default shard otherwise).
     next_shard: usize,
@@ -300,6 +307,8 @@ where
             txn_begin: None,
             side: Vec::new(),
             side_end: None,
+            parked: Vec::new(),
+            raise_with: None,
             batch: None,
             deferred_parse: None,
             fanout_failed: false,
@@ -587,6 +596,8 @@ where
     }
 
     async fn borrow_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
+        // Letting a held connection go below must not forget where the statement runs.
+        let shard = self.next_shard;
         if self.server.is_some() && self.describe_only && !self.describing {
             // A statement executes: its transaction's BEGIN goes where it runs.
             if self.only_prepared() {
@@ -601,6 +612,7 @@ where
         if self.server.is_some() && self.held_elsewhere(analyzed) {
             self.sync_and_release().await?;
         }
+        self.next_shard = shard;
         if let Some(conn) = self.server.as_mut() {
             if self.ops.is_empty()
                 && self.sout.is_empty()
@@ -612,9 +624,8 @@ where
             return Ok(());
         }
         let mut attempt = 0;
-        let shard = self.next_shard;
         self.settle_side_end().await;
-        if !self.describing && self.adopt_side(shard) {
+        if !self.describing && (self.adopt_side(shard) || self.unpark(shard)) {
             return Ok(());
         }
         if let Err(error) = self

@@ -246,7 +246,10 @@ where
                         // Our stand-in for a stale statement failed as intended: the
                         // client gets the error PostgreSQL itself gives (drivers such
                         // as pgjdbc recognise it by its routine and re-prepare).
-                        stale_statement_error(&mut self.cout);
+                        match self.raise_with.take() {
+                            Some(error) => self.cout.extend_from_slice(&error),
+                            None => stale_statement_error(&mut self.cout),
+                        }
                         forward = false;
                     }
                     (Some(Expect::Bind { stmt: Some(id) }), Detail::Code(code))

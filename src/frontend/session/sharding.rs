@@ -197,6 +197,7 @@ where
         if self.writes_reshard_copies(&plan, &target) {
             return self.refuse_extended(WRITES_COPIES).await;
         }
+        self.let_go_of_prepare_only(&target).await?;
         if self.reads_beyond_own_shard(&plan, &target) {
             // A driver sends the statement's Parse in the same batch (pgjdbc): its
             // answer comes first, then the read runs on the other shards.
@@ -250,6 +251,10 @@ where
                     .start_extended_fan_out(stmt, bind, &plan, &values, target)
                     .await;
             }
+            if self.batch_may_move() {
+                // A batch writing on several shards outside a transaction (parked.rs).
+                return self.park_and_move().await;
+            }
             let message = format!(
                 "this transaction runs on shard {}; the statement belongs to shard {} (a transaction stays on one shard for writes)",
                 self.topo.shards[self.server_shard].name, self.topo.shards[one].name
@@ -257,6 +262,23 @@ where
             return self.refuse_extended(&message).await;
         }
         Ok(true)
+    }
+
+    /// A statement for several shards while the session holds a connection that only
+    /// parsed and described since the last Sync, outside a transaction (asyncpg and
+    /// sqlx prepare with Parse/Describe/Flush, then Bind/Execute/Sync): that
+    /// connection carries no transaction, so it is let go and the statement is not
+    /// "inside a transaction".
+    async fn let_go_of_prepare_only(&mut self, target: &Target) -> Result<(), SessionError> {
+        let several = match target {
+            Target::Shards(shards) => shards.len() > 1,
+            Target::All { .. } | Target::SplitInsert(_) => true,
+            _ => false,
+        };
+        if several && self.only_prepared() && !self.in_explicit_transaction() {
+            self.sync_and_release().await?;
+        }
+        Ok(())
     }
 
     /// A read for another shard than the transaction's, inside the transaction and
@@ -402,6 +424,7 @@ where
         if self.writes_reshard_copies(plan, &target) {
             return self.refused(WRITES_COPIES).await;
         }
+        self.let_go_of_prepare_only(&target).await?;
         let in_transaction = self.server.is_some() || self.pending_begin.is_some();
         let one = match target {
             Target::Default if plan.tables().next().is_none() => self.current_shard(),
