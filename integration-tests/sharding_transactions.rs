@@ -340,6 +340,8 @@ async fn a_statement_prepared_with_flush_runs_over_both_shards() {
         s.write_all(&out).await.unwrap();
         read_until_any(&mut s, &mut inbuf, b"Z").await;
         let statements = [
+            // A simple query first: the connection it ran on is the next one borrowed.
+            ("SELECT 1", "Q"),
             ("SELECT count(*) FROM users", "X"),
             ("SELECT count(*) FROM users", "Q"),
             ("INSERT INTO countries (code, name) VALUES ('x1', 'one') ON CONFLICT (code) DO UPDATE SET name = 'again'", "X"),

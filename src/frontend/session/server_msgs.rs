@@ -207,10 +207,15 @@ where
         let expect = head.map(|(e, _)| e);
         match tag {
             btag::READY_FOR_QUERY => {
+                self.ops.pop_front();
                 if let Some(conn) = self.server.as_mut() {
                     conn.txn_status = first_byte;
+                    if self.ops.is_empty() {
+                        // Nothing was sent after this sync point (a simple Query ends
+                        // like a Sync): what comes next starts a new batch.
+                        conn.ran_since_sync = false;
+                    }
                 }
-                self.ops.pop_front();
                 // A hidden simple query (a deferred BEGIN) ends with a hidden
                 // ReadyForQuery; every other one is the client's.
                 !hidden
