@@ -480,20 +480,20 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
     common::raw::login(&mut s, &proxy).await;
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::new();
-    let batch = |out: &mut BytesMut, ids: &[i64], tag: &str| {
+    let batch = |out: &mut BytesMut, rows: &[(i64, String)]| {
         messages::parse(
             out,
             "ins",
             "INSERT INTO users (id, name) VALUES ($1, $2)",
             &[],
         );
-        for id in ids {
+        for (id, name) in rows {
             put_msg(out, b'B', |b| {
                 b.put_u8(0);
                 b.put_slice(b"ins\0");
                 b.put_i16(0);
                 b.put_i16(2);
-                for value in [id.to_string(), format!("{tag}{id}")] {
+                for value in [id.to_string(), name.clone()] {
                     b.put_i32(value.len() as i32);
                     b.put_slice(value.as_bytes());
                 }
@@ -513,9 +513,12 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
     };
     // Alternating shards, coming back to each more than once.
     let mut on: [Vec<i64>; 2] =
-        [0, 1].map(|shard| (100..).filter(|&i| shard_of(i) == shard).take(8).collect());
+        [0, 1].map(|shard| (100..).filter(|&i| shard_of(i) == shard).take(16).collect());
     let ids: Vec<i64> = (0..8).map(|i| on[i % 2].pop().unwrap_or(0)).collect();
-    batch(&mut out, &ids, "ok");
+    let named = |ids: &[i64], tag: &str| -> Vec<(i64, String)> {
+        ids.iter().map(|id| (*id, format!("{tag}{id}"))).collect()
+    };
+    batch(&mut out, &named(&ids, "ok"));
     s.write_all(&out).await.unwrap();
     let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
     let completes: Vec<String> = got
@@ -538,7 +541,7 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
     let mut failing: Vec<i64> = (0..7).map(|i| on[i % 2].pop().unwrap_or(0)).collect();
     failing.push(ids[1]);
     out.clear();
-    batch(&mut out, &failing, "bad");
+    batch(&mut out, &named(&failing, "bad"));
     s.write_all(&out).await.unwrap();
     let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
     let codes: Vec<String> = got
@@ -559,6 +562,48 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
         )
         .await;
         assert_eq!(n, 0, "shard {shard} keeps nothing of the failed batch");
+    }
+    // A part that fails only at its commit (a deferred unique constraint on the
+    // first shard, whose connection is parked when the rows go on on the second): the
+    // client gets that error and the second shard's part is rolled back too.
+    c.batch_execute(
+        "ALTER TABLE users ADD CONSTRAINT users_name_once UNIQUE (name) DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await
+    .unwrap();
+    let mut first: Vec<(i64, String)> = Vec::new();
+    for _ in 0..2 {
+        first.push((on[0].pop().unwrap_or(0), "twice".to_owned()));
+    }
+    for _ in 0..2 {
+        let id = on[1].pop().unwrap_or(0);
+        first.push((id, format!("late{id}")));
+    }
+    out.clear();
+    batch(&mut out, &first);
+    s.write_all(&out).await.unwrap();
+    let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
+    let errors: Vec<String> = got
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert!(
+        errors.len() == 1 && errors[0].contains("C23505") && errors[0].contains("users_name_once"),
+        "the deferred violation: {errors:?}"
+    );
+    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    read_until_any(&mut s, &mut inbuf, b"Z").await;
+    for shard in 0..2 {
+        let n = count(
+            &on_shard(shard, &db).await,
+            "SELECT count(*) FROM users WHERE name = 'twice' OR name LIKE 'late%'",
+        )
+        .await;
+        assert_eq!(
+            n, 0,
+            "shard {shard} keeps nothing of the batch failing at commit"
+        );
     }
     // The session goes on, and nothing is left open on the servers.
     assert_eq!(count(&c, "SELECT count(*) FROM users").await, 12);
