@@ -165,6 +165,8 @@ pub fn build_frontend(
             connect_timeout: config.pool.connect_timeout,
             idle_timeout: config.pool.idle_timeout,
             lifetime: config.pool.server_lifetime,
+            tcp_keepalive: config.pool.tcp_keepalive,
+            tcp_user_timeout: config.pool.tcp_user_timeout,
         },
         max_message_size: config.limits.max_message_size,
         login_timeout: config.limits.login_timeout,

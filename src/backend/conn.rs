@@ -366,11 +366,40 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Lets the kernel find a server that vanished without closing (a partition, a
+    /// frozen host): keepalive probes after `keepalive` of silence, every third of it,
+    /// and TCP_USER_TIMEOUT for data sent but never acknowledged. Zero leaves either
+    /// off. Best effort: a socket that refuses the option is used as it is.
+    pub fn set_liveness(&self, keepalive: Duration, user_timeout: Duration) {
+        set_liveness(self.wr.as_ref(), keepalive, user_timeout);
+    }
+
     pub async fn terminate(mut self) {
         let mut out = BytesMut::new();
         messages::empty_msg(&mut out, b'X');
         let _ = tokio::time::timeout(Duration::from_millis(100), self.wr.write_all(&out)).await;
     }
+}
+
+/// See [`ServerConn::set_liveness`].
+fn set_liveness(stream: &TcpStream, keepalive: Duration, user_timeout: Duration) {
+    let socket = socket2::SockRef::from(stream);
+    if !keepalive.is_zero() {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval((keepalive / 3).max(Duration::from_secs(1)));
+        if let Err(error) = socket.set_tcp_keepalive(&probes) {
+            tracing::debug!(%error, "TCP keepalive not set on a server connection");
+        }
+    }
+    #[cfg(target_os = "linux")]
+    if !user_timeout.is_zero() {
+        if let Err(error) = socket.set_tcp_user_timeout(Some(user_timeout)) {
+            tracing::debug!(%error, "TCP_USER_TIMEOUT not set on a server connection");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = user_timeout;
 }
 
 /// The first column of a DataRow body as text (NULL -> None).
@@ -431,6 +460,40 @@ pub async fn send_cancel_within(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn server_sockets_get_keepalive_and_a_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&stream);
+        assert!(!socket.keepalive().unwrap());
+        set_liveness(&stream, Duration::from_secs(30), Duration::from_secs(20));
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(20))
+        );
+        // Zero leaves both as they were.
+        let other = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        set_liveness(&other, Duration::ZERO, Duration::ZERO);
+        let socket = socket2::SockRef::from(&other);
+        assert!(!socket.keepalive().unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None);
+    }
 
     /// A listener whose accept queue is full: the kernel drops further SYNs, so a
     /// connect to it hangs like one to a host that vanished. Returns the listener and

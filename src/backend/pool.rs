@@ -23,6 +23,9 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
+    /// Keepalive idle time and TCP_USER_TIMEOUT of new connections (zero: off).
+    pub tcp_keepalive: Duration,
+    pub tcp_user_timeout: Duration,
 }
 
 pub struct Pool {
@@ -74,6 +77,7 @@ impl Pool {
             Some(conn) => conn,
             None => {
                 let conn = ServerConn::connect(&self.target, self.settings.connect_timeout).await?;
+                conn.set_liveness(self.settings.tcp_keepalive, self.settings.tcp_user_timeout);
                 self.remember_params(&conn);
                 conn
             }

@@ -185,6 +185,16 @@ fn pool(raw: RawPool) -> Result<PoolConfig, Issue> {
             "pool.server_lifetime",
             d.server_lifetime,
         )?,
+        tcp_keepalive: duration(
+            raw.tcp_keepalive.as_ref(),
+            "pool.tcp_keepalive",
+            d.tcp_keepalive,
+        )?,
+        tcp_user_timeout: duration(
+            raw.tcp_user_timeout.as_ref(),
+            "pool.tcp_user_timeout",
+            d.tcp_user_timeout,
+        )?,
     })
 }
 

@@ -81,6 +81,14 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// A server connection is closed when returned to the pool after this long in use.
     pub server_lifetime: Duration,
+    /// TCP keepalive on server connections: probes start after this long without
+    /// traffic (then every third of it); zero turns keepalive off.
+    pub tcp_keepalive: Duration,
+    /// TCP_USER_TIMEOUT on server connections (Linux): a connection whose sent data
+    /// stays unacknowledged this long (a partitioned or frozen server) is closed, so a
+    /// statement in flight fails instead of waiting for the kernel's ~15 minutes; zero
+    /// keeps the system default.
+    pub tcp_user_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -194,6 +202,8 @@ impl Default for PoolConfig {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10 * 60),
             server_lifetime: Duration::from_secs(60 * 60),
+            tcp_keepalive: Duration::from_secs(30),
+            tcp_user_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -49,6 +49,8 @@ pub(crate) struct RawPool {
     pub connect_timeout: Option<Text>,
     pub idle_timeout: Option<Text>,
     pub server_lifetime: Option<Text>,
+    pub tcp_keepalive: Option<Text>,
+    pub tcp_user_timeout: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]

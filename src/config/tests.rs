@@ -117,6 +117,8 @@ fn defaults_apply_to_a_minimal_file() {
     assert_eq!(pool.connect_timeout, Duration::from_secs(5));
     assert_eq!(pool.idle_timeout, Duration::from_secs(600));
     assert_eq!(pool.server_lifetime, Duration::from_secs(3600));
+    assert_eq!(pool.tcp_keepalive, Duration::from_secs(30));
+    assert_eq!(pool.tcp_user_timeout, Duration::from_secs(30));
     let limits = &config.limits;
     assert_eq!(limits.max_client_connections, 1000);
     assert_eq!(limits.max_message_size, 64 * 1024 * 1024);
@@ -138,7 +140,7 @@ fn defaults_apply_to_a_minimal_file() {
 fn every_field_can_be_set() {
     let text = format!(
         "{MINIMAL}pool: {{ mode: session, size: 3, acquire_timeout: 1s, connect_timeout: 2s, \
-         idle_timeout: 3m, server_lifetime: 2h }}\n\
+         idle_timeout: 3m, server_lifetime: 2h, tcp_keepalive: 0s, tcp_user_timeout: 1m }}\n\
          limits: {{ max_client_connections: 7, max_message_size: 1MB, login_timeout: 500ms, \
          shutdown_grace: 0s, statement_cache_size: 10, max_prepared_statements: 20, \
          max_auth_message_size: 2kB, buffer_size: 32kB, max_paused_transactions: 5, \
@@ -157,6 +159,8 @@ fn every_field_can_be_set() {
     assert_eq!(c.pool.size, 3);
     assert_eq!(c.pool.idle_timeout, Duration::from_secs(180));
     assert_eq!(c.pool.server_lifetime, Duration::from_secs(7200));
+    assert_eq!(c.pool.tcp_keepalive, Duration::ZERO);
+    assert_eq!(c.pool.tcp_user_timeout, Duration::from_secs(60));
     assert_eq!(c.limits.max_client_connections, 7);
     assert_eq!(c.limits.max_message_size, 1 << 20);
     assert_eq!(c.limits.login_timeout, Duration::from_millis(500));
