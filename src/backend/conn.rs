@@ -381,6 +381,10 @@ impl ServerConn {
     }
 }
 
+/// Unanswered keepalive probes before the kernel closes a server connection: with the
+/// default `pool.tcp_keepalive` a silent server is given up after 30 s + 3 x 10 s.
+const KEEPALIVE_PROBES: u32 = 3;
+
 /// See [`ServerConn::set_liveness`].
 fn set_liveness(stream: &TcpStream, keepalive: Duration, user_timeout: Duration) {
     let socket = socket2::SockRef::from(stream);
@@ -388,6 +392,8 @@ fn set_liveness(stream: &TcpStream, keepalive: Duration, user_timeout: Duration)
         let probes = socket2::TcpKeepalive::new()
             .with_time(keepalive)
             .with_interval((keepalive / 3).max(Duration::from_secs(1)));
+        #[cfg(target_os = "linux")]
+        let probes = probes.with_retries(KEEPALIVE_PROBES);
         if let Err(error) = socket.set_tcp_keepalive(&probes) {
             tracing::debug!(%error, "TCP keepalive not set on a server connection");
         }
@@ -479,6 +485,8 @@ mod tests {
             socket.tcp_keepalive_interval().unwrap(),
             Duration::from_secs(10)
         );
+        #[cfg(target_os = "linux")]
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
         #[cfg(target_os = "linux")]
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),

@@ -85,9 +85,9 @@ pub struct PoolConfig {
     /// traffic (then every third of it); zero turns keepalive off.
     pub tcp_keepalive: Duration,
     /// TCP_USER_TIMEOUT on server connections (Linux): a connection whose sent data
-    /// stays unacknowledged this long (a partitioned or frozen server) is closed, so a
-    /// statement in flight fails instead of waiting for the kernel's ~15 minutes; zero
-    /// keeps the system default.
+    /// stays unacknowledged (or unsent behind a zero window) this long is closed; zero
+    /// (the default) keeps the system's. Off by default: a server that stops reading a
+    /// long COPY while it waits for a lock would be cut off too.
     pub tcp_user_timeout: Duration,
 }
 
@@ -203,7 +203,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(10 * 60),
             server_lifetime: Duration::from_secs(60 * 60),
             tcp_keepalive: Duration::from_secs(30),
-            tcp_user_timeout: Duration::from_secs(30),
+            tcp_user_timeout: Duration::ZERO,
         }
     }
 }

@@ -118,7 +118,7 @@ fn defaults_apply_to_a_minimal_file() {
     assert_eq!(pool.idle_timeout, Duration::from_secs(600));
     assert_eq!(pool.server_lifetime, Duration::from_secs(3600));
     assert_eq!(pool.tcp_keepalive, Duration::from_secs(30));
-    assert_eq!(pool.tcp_user_timeout, Duration::from_secs(30));
+    assert_eq!(pool.tcp_user_timeout, Duration::ZERO);
     let limits = &config.limits;
     assert_eq!(limits.max_client_connections, 1000);
     assert_eq!(limits.max_message_size, 64 * 1024 * 1024);
