@@ -128,6 +128,29 @@ async fn failover_a_killed_primary_container_is_replaced_while_writes_wait() {
     let old = before.shards[name].primary.endpoint();
     let stop = Arc::new(AtomicBool::new(false));
     let base = super::key_base();
+    // The compose cluster replicates asynchronously, which may lose the last commits
+    // before a crash (docs/operations.md). As recommended there (and as
+    // integration-tests/failover.rs does), one standby confirms each commit of the
+    // primary about to be killed, so every acknowledged write must survive. Only this
+    // primary's own configuration changes: the promoted replica runs as before.
+    let su = crate::common::superuser_client(shard, shard.primary.1, &shard.database).await;
+    // One statement each: ALTER SYSTEM cannot run in a multi-statement query.
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'",
+        "ALTER SYSTEM SET synchronous_commit = 'on'",
+        "SELECT pg_reload_conf()",
+    ] {
+        su.batch_execute(sql).await.unwrap();
+    }
+    wait_for("a synchronous standby", TIMEOUT, || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, i64>(0) >= 1)
+    })
+    .await;
     let (writes, writer) = spawn_writer(env, name, base, stop.clone());
     let (elsewhere, other_writer) = spawn_writer(env, other, base, stop.clone());
     wait_for("writes before the kill", TIMEOUT, || async {
