@@ -399,11 +399,7 @@ async fn a_statement_prepared_with_flush_runs_over_both_shards() {
             }
             s.write_all(&out).await.unwrap();
             let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
-            let errors: Vec<String> = got
-                .iter()
-                .filter(|(t, _)| *t == b'E')
-                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-                .collect();
+            let errors = errors(&got);
             assert!(errors.is_empty(), "{mode} {sql} ({how}): {errors:?}");
             if let Some(id) = how.strip_prefix('K').map(|_| match how {
                 "K0" => ids_on_both_shards().0,
@@ -424,7 +420,7 @@ async fn a_statement_prepared_with_flush_runs_over_both_shards() {
                 let row = got.iter().find(|(t, _)| *t == b'D').expect("a row");
                 assert!(row.1.ends_with(b"40"), "{mode} {sql}: {:?}", row.1);
             }
-            assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+            assert_idle(&got);
         }
     }
     for shard in 0..2 {
@@ -437,6 +433,31 @@ async fn a_statement_prepared_with_flush_runs_over_both_shards() {
         assert_eq!(name, "again", "shard {shard}");
     }
     no_open_transactions(&_db).await;
+}
+
+/// A count on each shard's primary directly.
+async fn per_shard(db: &str, sql: &str) -> [i64; 2] {
+    [
+        count(&on_shard(0, db).await, sql).await,
+        count(&on_shard(1, db).await, sql).await,
+    ]
+}
+
+/// The ErrorResponses among `msgs`, their fields as text.
+fn errors(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect()
+}
+
+/// The answer ends with ReadyForQuery 'I': no transaction is left open.
+fn assert_idle(msgs: &[(u8, Vec<u8>)]) {
+    assert_eq!(
+        msgs.last().map(|(_, b)| b.as_slice()),
+        Some(&b"I"[..]),
+        "{msgs:?}"
+    );
 }
 
 /// Reads messages until one whose tag is in `tags` (inclusive).
@@ -527,16 +548,13 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
         .map(|(t, b)| format!("{}{}", *t as char, String::from_utf8_lossy(b)))
         .collect();
     assert_eq!(completes, vec!["CINSERT 0 1\0"; 8], "{got:?}");
-    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    assert_idle(&got);
     read_until_any(&mut s, &mut inbuf, b"Z").await;
-    for shard in 0..2 {
-        let n = count(
-            &on_shard(shard, &db).await,
-            "SELECT count(*) FROM users WHERE name LIKE 'ok%'",
-        )
-        .await;
-        assert_eq!(n, 4, "shard {shard}");
-    }
+    assert_eq!(
+        per_shard(&db, "SELECT count(*) FROM users WHERE name LIKE 'ok%'").await,
+        [4, 4],
+        "rows per shard"
+    );
     // The same with the last row failing (its id exists): nothing of it stays.
     let mut failing: Vec<i64> = (0..7).map(|i| on[i % 2].pop().unwrap_or(0)).collect();
     failing.push(ids[1]);
@@ -544,25 +562,18 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
     batch(&mut out, &named(&failing, "bad"));
     s.write_all(&out).await.unwrap();
     let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
-    let codes: Vec<String> = got
-        .iter()
-        .filter(|(t, _)| *t == b'E')
-        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-        .collect();
+    let codes = errors(&got);
     assert!(
         codes.len() == 1 && codes[0].contains("C23505"),
         "one unique violation: {got:?}"
     );
-    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    assert_idle(&got);
     read_until_any(&mut s, &mut inbuf, b"Z").await;
-    for shard in 0..2 {
-        let n = count(
-            &on_shard(shard, &db).await,
-            "SELECT count(*) FROM users WHERE name LIKE 'bad%'",
-        )
-        .await;
-        assert_eq!(n, 0, "shard {shard} keeps nothing of the failed batch");
-    }
+    assert_eq!(
+        per_shard(&db, "SELECT count(*) FROM users WHERE name LIKE 'bad%'").await,
+        [0, 0],
+        "no shard keeps anything of the failed batch"
+    );
     // A part that fails only at its commit (a deferred unique constraint on the
     // first shard, whose connection is parked when the rows go on on the second): the
     // client gets that error and the second shard's part is rolled back too.
@@ -583,28 +594,22 @@ async fn a_batch_of_rows_for_both_shards_runs_as_one() {
     batch(&mut out, &first);
     s.write_all(&out).await.unwrap();
     let got = read_until_any(&mut s, &mut inbuf, b"Z").await;
-    let errors: Vec<String> = got
-        .iter()
-        .filter(|(t, _)| *t == b'E')
-        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-        .collect();
+    let errors = errors(&got);
     assert!(
         errors.len() == 1 && errors[0].contains("C23505") && errors[0].contains("users_name_once"),
         "the deferred violation: {errors:?}"
     );
-    assert_eq!(got.last().map(|(_, b)| b.as_slice()), Some(&b"I"[..]));
+    assert_idle(&got);
     read_until_any(&mut s, &mut inbuf, b"Z").await;
-    for shard in 0..2 {
-        let n = count(
-            &on_shard(shard, &db).await,
-            "SELECT count(*) FROM users WHERE name = 'twice' OR name LIKE 'late%'",
+    assert_eq!(
+        per_shard(
+            &db,
+            "SELECT count(*) FROM users WHERE name = 'twice' OR name LIKE 'late%'"
         )
-        .await;
-        assert_eq!(
-            n, 0,
-            "shard {shard} keeps nothing of the batch failing at commit"
-        );
-    }
+        .await,
+        [0, 0],
+        "no shard keeps anything of the batch failing at commit"
+    );
     // The session goes on, and nothing is left open on the servers.
     assert_eq!(count(&c, "SELECT count(*) FROM users").await, 12);
     no_open_transactions(&db).await;

@@ -274,6 +274,22 @@ impl ServerConn {
         }
     }
 
+    /// Ends the extended-protocol batch open on this connection with a Sync (which
+    /// commits its implicit transaction, if any) and reads up to ReadyForQuery; the
+    /// first error of the batch is returned, the connection then being idle.
+    pub async fn sync(&mut self) -> Result<(), BackendError> {
+        let result = async {
+            let mut out = BytesMut::new();
+            messages::empty_msg(&mut out, crate::protocol::messages::tag::SYNC);
+            self.wr.write_all(&out).await?;
+            self.read_until_ready(false).await
+        }
+        .await;
+        self.note_failure(result)?;
+        self.unsynced = false;
+        Ok(())
+    }
+
     /// Runs SQL through the simple protocol and discards its results: used for the
     /// proxy's own housekeeping (settings, ROLLBACK, DISCARD ALL), never for clients.
     pub async fn run_internal(&mut self, sql: &str) -> Result<(), BackendError> {

@@ -596,8 +596,6 @@ where
     }
 
     async fn borrow_server(&mut self, analyzed: Option<&Analyzed>) -> Result<(), SessionError> {
-        // Letting a held connection go below must not forget where the statement runs.
-        let shard = self.next_shard;
         if self.server.is_some() && self.describe_only && !self.describing {
             // A statement executes: its transaction's BEGIN goes where it runs.
             if self.only_prepared() {
@@ -612,7 +610,6 @@ where
         if self.server.is_some() && self.held_elsewhere(analyzed) {
             self.sync_and_release().await?;
         }
-        self.next_shard = shard;
         if let Some(conn) = self.server.as_mut() {
             if self.ops.is_empty()
                 && self.sout.is_empty()
@@ -624,6 +621,7 @@ where
             return Ok(());
         }
         let mut attempt = 0;
+        let shard = self.next_shard;
         self.settle_side_end().await;
         if !self.describing && (self.adopt_side(shard) || self.unpark(shard)) {
             return Ok(());
@@ -759,21 +757,16 @@ where
 
     /// Ends the held connection's batch with a Sync of our own (nothing of it ran, so
     /// nothing commits) and gives it back; the statement then borrows afresh.
+    /// The shard the statement being routed goes to (`next_shard`) stays as it is.
     async fn sync_and_release(&mut self) -> Result<(), SessionError> {
         let Some(conn) = self.server.as_mut() else {
             return Ok(());
         };
-        let mut out = BytesMut::new();
-        messages::empty_msg(&mut out, crate::protocol::messages::tag::SYNC);
-        let result = async {
-            conn.wr.write_all(&out).await?;
-            conn.read_until_ready(false).await
-        }
-        .await;
-        conn.note_failure(result)?;
-        conn.unsynced = false;
+        conn.sync().await?;
         // The unnamed statement stays the client's: re-created where it runs next.
+        let shard = self.next_shard;
         self.release_server().await;
+        self.next_shard = shard;
         Ok(())
     }
 

@@ -18,11 +18,11 @@
 //!   fail with that error, so the client sees it and that shard's part rolls back too;
 //!   parts committed before it stay (no two-phase commit: docs/sharding.md).
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::side::Side;
-use super::{CancelTarget, Op, Session, SessionError};
-use crate::backend::{BackendError, PooledConn};
+use super::{Session, SessionError};
+use crate::backend::BackendError;
 use crate::protocol::messages;
 use crate::routing::route::PRIMARY;
 
@@ -72,15 +72,7 @@ where
             return false;
         };
         let side = self.parked.swap_remove(i);
-        self.cancel.set(Some(CancelTarget {
-            host: side.conn.host.clone(),
-            port: side.conn.port,
-            key: side.conn.backend_key,
-        }));
-        self.server = Some(side.conn);
-        self.server_shard = shard;
-        self.server_node = side.node;
-        self.replay = None;
+        self.hold(side);
         true
     }
 
@@ -99,7 +91,7 @@ where
         let mut parked = parked.into_iter();
         let mut wrote = false;
         while let Some(mut side) = parked.next() {
-            match commit(&mut side.conn).await {
+            match side.conn.sync().await {
                 Ok(()) => {
                     wrote |= side.node == PRIMARY;
                     if side.conn.is_poolable() {
@@ -132,49 +124,4 @@ where
         self.raise_with = Some(answer.freeze());
         self.raise_stale();
     }
-
-    /// Sends what is queued for the held connection with a Flush and reads until every
-    /// answer owed before the client's next Sync has come (passed on to the client as
-    /// usual). After an error the server skips to Sync: nothing more is owed then.
-    async fn drain_server(&mut self) -> Result<(), SessionError> {
-        let owed = |ops: &std::collections::VecDeque<Op>| {
-            ops.iter().any(|op| !matches!(op, Op::Synthetic(_)))
-        };
-        if !owed(&self.ops) {
-            return Ok(());
-        }
-        let Some(conn) = self.server.as_mut() else {
-            return Ok(());
-        };
-        messages::empty_msg(&mut self.sout, crate::protocol::messages::tag::FLUSH);
-        let written = conn.wr.write_all(&self.sout).await;
-        conn.note_failure(written.map_err(BackendError::Io))?;
-        self.sout.clear();
-        while owed(&self.ops) {
-            let Some(conn) = self.server.as_mut() else {
-                break;
-            };
-            let conn = &mut **conn;
-            let read = conn.rd.read_buf(&mut conn.rbuf).await;
-            match conn.note_failure(read.map_err(BackendError::Io))? {
-                0 => return Err(BackendError::Closed.into()),
-                _ => self.process_server_frames()?,
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Ends a parked connection's implicit transaction with a Sync.
-async fn commit(conn: &mut PooledConn) -> Result<(), BackendError> {
-    let mut out = bytes::BytesMut::new();
-    messages::empty_msg(&mut out, crate::protocol::messages::tag::SYNC);
-    let result = async {
-        conn.wr.write_all(&out).await?;
-        conn.read_until_ready(false).await
-    }
-    .await;
-    conn.note_failure(result)?;
-    conn.unsynced = false;
-    Ok(())
 }

@@ -4,7 +4,7 @@
 //! transaction status at ReadyForQuery.
 
 use bytes::Buf;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::backend::params::SessionParams;
 use crate::backend::BackendError;
 use crate::frontend::prepared::{shape_of, PreparedStatement};
 use crate::frontend::session_sql::SessionEffect;
-use crate::protocol::messages::btag;
+use crate::protocol::messages::{self, btag};
 use crate::protocol::{next_server_frame, FrameHeader, Next};
 
 /// What a server message carries that bookkeeping needs, decoded only when it does.
@@ -108,6 +108,37 @@ where
         conn.rbuf.advance(n);
         conn.to_client_rest -= n;
         true
+    }
+
+    /// Sends what is queued for the held connection with a Flush and reads until every
+    /// answer owed before the client's next Sync has come (passed on to the client as
+    /// usual). After an error the server skips to Sync: nothing more is owed then.
+    pub(super) async fn drain_server(&mut self) -> Result<(), SessionError> {
+        let owed = |ops: &std::collections::VecDeque<Op>| {
+            ops.iter().any(|op| !matches!(op, Op::Synthetic(_)))
+        };
+        if !owed(&self.ops) {
+            return Ok(());
+        }
+        let Some(conn) = self.server.as_mut() else {
+            return Ok(());
+        };
+        messages::empty_msg(&mut self.sout, crate::protocol::messages::tag::FLUSH);
+        let written = conn.wr.write_all(&self.sout).await;
+        conn.note_failure(written.map_err(BackendError::Io))?;
+        self.sout.clear();
+        while owed(&self.ops) {
+            let Some(conn) = self.server.as_mut() else {
+                break;
+            };
+            let conn = &mut **conn;
+            let read = conn.rd.read_buf(&mut conn.rbuf).await;
+            match conn.note_failure(read.map_err(BackendError::Io))? {
+                0 => return Err(BackendError::Closed.into()),
+                _ => self.process_server_frames()?,
+            }
+        }
+        Ok(())
     }
 
     /// One whole server message at the front of the server buffer: bookkeeping, then

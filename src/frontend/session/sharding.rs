@@ -330,7 +330,6 @@ where
     /// nothing when an Execute or Sync is still owed (the statement is then refused as
     /// not waiting for the ones before it).
     async fn catch_up_with_server(&mut self) -> Result<(), SessionError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let answered_without_sync = self.ops.iter().all(|op| {
             matches!(
                 op,
@@ -342,25 +341,7 @@ where
         if self.ops.is_empty() || !answered_without_sync || self.gate.is_some() {
             return Ok(());
         }
-        let Some(conn) = self.server.as_mut() else {
-            return Ok(());
-        };
-        messages::empty_msg(&mut self.sout, crate::protocol::messages::tag::FLUSH);
-        let written = conn.wr.write_all(&self.sout).await;
-        conn.note_failure(written.map_err(crate::backend::BackendError::Io))?;
-        self.sout.clear();
-        while !self.ops.is_empty() {
-            let Some(conn) = self.server.as_mut() else {
-                break;
-            };
-            let conn = &mut **conn;
-            let read = conn.rd.read_buf(&mut conn.rbuf).await;
-            match conn.note_failure(read.map_err(crate::backend::BackendError::Io))? {
-                0 => return Err(crate::backend::BackendError::Closed.into()),
-                _ => self.process_server_frames()?,
-            }
-        }
-        Ok(())
+        self.drain_server().await
     }
 
     /// The client's transaction failed on its server (ReadyForQuery 'E').

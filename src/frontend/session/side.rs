@@ -116,17 +116,23 @@ where
         };
         let side = self.side.swap_remove(i);
         self.pending_begin = None;
+        self.hold_wrote = false;
+        self.hold(side);
+        true
+    }
+
+    /// A connection held apart (a side, or a parked part of a batch) becomes the
+    /// session's own again.
+    pub(super) fn hold(&mut self, side: Side) {
         self.cancel.set(Some(super::CancelTarget {
             host: side.conn.host.clone(),
             port: side.conn.port,
             key: side.conn.backend_key,
         }));
         self.server = Some(side.conn);
-        self.server_shard = shard;
+        self.server_shard = side.shard;
         self.server_node = side.node;
-        self.hold_wrote = false;
         self.replay = None;
-        true
     }
 
     /// After a read over several shards inside a transaction: connections whose
